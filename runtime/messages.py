@@ -1,0 +1,69 @@
+"""Typed messages between the front end (Engine or HTTP process) and the scheduler.
+
+They are msgspec Structs so the same objects travel in-process (Engine) and over ZeroMQ (server),
+encoded with msgpack, never pickle.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from runtime.sampling_params import SamplingParams
+
+
+class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
+    """One sample of one prompt: a front end expands n > 1 into n of these with the same input_ids."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    token_ids_logprob: list[int] | None = None
+    stream: bool = False
+
+
+class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
+    rid: str = ""
+    abort_all: bool = False
+
+
+class FlushCacheRequest(msgspec.Struct, tag=True, kw_only=True):
+    pass
+
+
+class FlushCacheResult(msgspec.Struct, tag=True, kw_only=True):
+    success: bool
+    message: str = ""
+
+
+# A logprob entry is (logprob, token_id); the front end adds the text.
+LogprobEntry = tuple[float, int]
+
+
+class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
+    """What one scheduler step produced for one request: the delta since the previous output.
+
+    Input-side logprobs arrive once, with the first output of the request.
+    """
+
+    rid: str
+    new_token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    weight_version: str
+    finished: bool = False
+    finish_reason: dict | None = None
+    # Delta lists, aligned with new_token_ids, filled only when the request asked for logprobs.
+    output_token_logprobs: list[float] = []
+    output_top_logprobs: list[list[LogprobEntry]] = []
+    output_token_ids_logprobs: list[list[LogprobEntry]] = []
+    output_token_weight_versions: list[str] = []
+    # Whole lists, sent once (positions logprob_start_len .. prompt_tokens - 1; the first is None).
+    input_token_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    input_token_ids_logprobs: list[list[LogprobEntry] | None] | None = None
+
+
+SchedulerInput = GenerateRequest | AbortRequest | FlushCacheRequest

@@ -1,0 +1,73 @@
+"""Owns the model, its KV pool and attention backend; runs one forward step and returns logits."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from runtime.attention.base import create_attention_backend
+from runtime.forward_batch import ForwardBatch
+from runtime.kv_pool import KVPool
+from runtime.models.registry import get_model_class
+from runtime.server_args import ServerArgs
+from runtime.weight_loader import load_model_weights
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_config(model_path: str) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(model_path)
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, hf_config: PretrainedConfig | None = None, progress: bool = True):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = args.torch_dtype
+        if args.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(args.num_threads)
+        self.hf_config = hf_config or load_hf_config(args.model_path)
+        self.context_len = args.context_length or self.hf_config.max_position_embeddings
+        self.vocab_size = self.hf_config.vocab_size
+
+        model_cls = get_model_class(list(getattr(self.hf_config, "architectures", None) or []))
+        with torch.device(self.device):
+            model = model_cls(self.hf_config, max_positions=self.context_len)
+        model.to(self.dtype)
+        model.model.rotary.float()  # cos/sin tables stay fp32, cast per step like transformers does
+        load_model_weights(model, args.model_path, progress=progress)
+        self.model = model.eval()
+
+        attn = model.model.layers[0].self_attn
+        self.num_layers = len(model.model.layers)
+        num_slots = self._kv_slots(attn.num_kv_heads, attn.head_dim)
+        num_slots -= num_slots % args.page_size
+        self.kv_pool = KVPool(self.num_layers, num_slots, attn.num_kv_heads, attn.head_dim, self.dtype, self.device)
+        self.backend = create_attention_backend(args.attention_backend, self.kv_pool)
+        logger.info("Model %s loaded: %d layers, KV pool of %d tokens (%.1f MiB), dtype %s, device %s.",
+                    args.model_path, self.num_layers, num_slots, self.kv_pool.nbytes() / 2**20, self.dtype,
+                    self.device)
+
+    def _kv_slots(self, num_kv_heads: int, head_dim: int) -> int:
+        if self.args.max_total_tokens is not None:
+            return self.args.max_total_tokens
+        per_token = KVPool.bytes_per_token(self.num_layers, num_kv_heads, head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * (self.args.mem_fraction_static or 0.85)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = free * (self.args.mem_fraction_static or 0.1)
+        # More than a few full contexts per running request is never used.
+        cap = self.context_len * self.args.max_running_requests
+        return int(max(min(budget // per_token, cap), self.context_len))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits (fp32) of the rows batch.logits_indices names, [R, vocab]."""
+        self.backend.prepare(batch)
+        hidden = self.model(batch, self.backend)
+        return self.model.compute_logits(hidden[batch.logits_indices])

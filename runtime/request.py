@@ -1,0 +1,82 @@
+"""One sample being generated: its tokens, where its KV lives, and what it still owes the client."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.messages import GenerateRequest, RequestOutput
+from runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    token_ids_logprob: list[int] | None = None
+    stream: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: dict | None = None
+    aborted: bool = False
+
+    # KV: slots of tokens [0, kv_len) sit in row `req_pool_row` of the request-to-token table.
+    # [0, prefix_len) belong to the radix cache (locked through `last_node`), the rest to this request.
+    req_pool_row: int | None = None
+    kv_len: int = 0
+    prefix_len: int = 0
+    last_node: Any = None
+    cached_tokens: int = 0
+    admitted_once: bool = False
+
+    # Logprobs of prompt positions, filled chunk by chunk during the first prefill.
+    input_logprobs_pending: bool = False
+    input_token_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[Any] = field(default_factory=list)
+    input_token_ids_logprobs: list[Any] = field(default_factory=list)
+
+    # What has not been sent to the front end yet.
+    sent_tokens: int = 0
+    pending: RequestOutput | None = None
+
+    @classmethod
+    def from_message(cls, msg: GenerateRequest, seed: int) -> "Request":
+        req = cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling_params=msg.sampling_params, seed=seed,
+                  return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
+                  top_logprobs_num=msg.top_logprobs_num, token_ids_logprob=msg.token_ids_logprob,
+                  stream=msg.stream)
+        req.input_logprobs_pending = msg.return_logprob and msg.logprob_start_len >= 0
+        return req
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV the request needs: prompt plus output (after a retraction, both)."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled.
+
+        1 means a plain decode step (the newest token); more means prompt (or, after a retraction,
+        prompt and output) still to prefill.
+        """
+        return len(self.input_ids) + len(self.output_ids) - self.kv_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,62 @@
+"""Every knob of the runtime and the server, with the defaults of API.md."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = None          # None: the embedded default model
+    tokenizer_path: str | None = None      # None: model_path
+    host: str = "127.0.0.1"
+    port: int = 30000
+    dtype: str = "auto"                    # auto: float32 on CPU, bfloat16 on GPU
+    device: str | None = None              # None: cuda if present, else cpu
+    is_embedding: bool = False
+    skip_tokenizer_init: bool = False
+    context_length: int | None = None      # None: the model's max_position_embeddings
+    max_running_requests: int = 256
+    max_total_tokens: int | None = None    # KV pool size in tokens; None: mem_fraction_static
+    chunked_prefill_size: int = 2048       # most prompt tokens one step prefills
+    page_size: int = 1
+    disable_radix_cache: bool = False
+    mem_fraction_static: float | None = None  # None: 0.85 of free GPU memory, 0.1 of free RAM on CPU
+    random_seed: int = 0
+    weight_version: str = "default"
+    api_key: str | None = None
+    log_level: str = "info"
+    attention_backend: str = "torch"
+    deterministic: bool = False
+    num_threads: int | None = None         # torch intra-op threads on CPU; None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {self.page_size}.")
+        if self.chunked_prefill_size < 1:
+            raise ValueError(f"chunked_prefill_size must be at least 1, got {self.chunked_prefill_size}.")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be at least 1, got {self.max_running_requests}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+        if self.dtype not in names:
+            raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {self.dtype!r}.")
+        return names[self.dtype]
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,46 @@
+"""Loads HF safetensors checkpoints into a model by HF names, one file at a time."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def safetensors_files(model_path: str | Path) -> list[Path]:
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors files in {model_path}.")
+    return files
+
+
+def iterate_weights(model_path: str | Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of the checkpoint; only one file is open at a time."""
+    files = safetensors_files(model_path)
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            for key in tqdm(keys, desc=f"Loading {path.name}", disable=not progress, leave=False):
+                yield key, f.get_tensor(key)
+
+
+def load_model_weights(model: torch.nn.Module, model_path: str | Path, progress: bool = True) -> None:
+    """Copy every checkpoint tensor into the model in place; every model weight must be covered."""
+    expected = set(model.hf_weight_names())
+    loaded: set[str] = set()
+    for name, tensor in iterate_weights(model_path, progress):
+        try:
+            model.load_weight(name, tensor)
+        except KeyError:
+            logger.warning("Checkpoint tensor %s has no place in the model; skipped.", name)
+            continue
+        loaded.add(name)
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"Checkpoint {model_path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}.")

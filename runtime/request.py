@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.messages import GenerateRequest, RequestOutput
+from runtime.messages import GenerateRequest
 from runtime.sampling_params import SamplingParams
 
 
@@ -50,9 +50,15 @@ class Request:
     input_top_logprobs: list[Any] = field(default_factory=list)
     input_token_ids_logprobs: list[Any] = field(default_factory=list)
 
-    # What has not been sent to the front end yet.
+    # Per output token, when the request asked for logprobs.
+    output_token_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[Any] = field(default_factory=list)
+    output_token_ids_logprobs: list[Any] = field(default_factory=list)
+    output_weight_versions: list[str] = field(default_factory=list)
+
+    # How many output tokens the front end has been sent, and whether it has the input logprobs.
     sent_tokens: int = 0
-    pending: RequestOutput | None = None
+    sent_input_logprobs: bool = False
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, seed: int) -> "Request":

@@ -1,0 +1,191 @@
+"""`Engine`: the runtime in-process, with the same answers as HTTP /generate.
+
+The scheduler runs in a background thread; generate() and friends submit typed messages to it and
+wait for their outputs, so calls from several threads (or asyncio tasks) batch together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Iterator
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
+from runtime.messages import AbortRequest, FlushCacheRequest, FlushCacheResult, RequestOutput, SchedulerInput
+from runtime.model_runner import ModelRunner
+from runtime.response import ResponseBuilder
+from runtime.scheduler import Scheduler
+from runtime.scheduler_loop import run_scheduler_loop
+from runtime.server_args import ServerArgs
+from runtime.stop_checker import StopChecker
+from runtime.tokenizer_info import eos_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, progress: bool = True, **server_args: Any):
+        unknown = set(server_args) - ServerArgs.field_names()
+        if unknown:
+            raise ValueError(f"Unknown server arguments: {sorted(unknown)}.")
+        if model_path is None:
+            from runtime.default_model import default_model_path
+            model_path = default_model_path()
+        self.args = ServerArgs(model_path=model_path, **server_args)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        if not self.args.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path)
+        self.runner = ModelRunner(self.args, progress=progress)
+        stop_tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path) \
+            if self.tokenizer is not None else None  # the scheduler thread decodes with its own copy
+        self.scheduler = Scheduler(self.runner, eos_token_ids(model_path, self.runner.hf_config, self.tokenizer),
+                                   StopChecker(stop_tokenizer) if stop_tokenizer else None)
+        self._inbox: queue.SimpleQueue[SchedulerInput] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiters: dict[str, queue.SimpleQueue[RequestOutput]] = {}
+        self._flush_waiters: queue.SimpleQueue[FlushCacheResult] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=run_scheduler_loop, args=(self.scheduler, self._receive, self._dispatch, self._stop),
+            name="scheduler", daemon=True)
+        self._thread.start()
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _receive(self, block: bool) -> list[SchedulerInput]:
+        msgs: list[SchedulerInput] = []
+        try:
+            msgs.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            while True:
+                msgs.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs
+
+    def _dispatch(self, outputs: list) -> None:
+        for out in outputs:
+            if isinstance(out, FlushCacheResult):
+                self._flush_waiters.put(out)
+                continue
+            with self._lock:
+                waiter = self._waiters.get(out.rid)
+            if waiter is not None:
+                waiter.put(out)
+
+    def _submit(self, norm: NormalizedGenerate) -> list[queue.SimpleQueue[RequestOutput]]:
+        queues = []
+        with self._lock:
+            for r in norm.requests:
+                if r.rid in self._waiters:
+                    raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
+            for r in norm.requests:
+                q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+                self._waiters[r.rid] = q
+                queues.append(q)
+        for r in norm.requests:
+            self._inbox.put(r)
+        return queues
+
+    def _done(self, rid: str) -> None:
+        with self._lock:
+            self._waiters.pop(rid, None)
+
+    def _normalize(self, inp: GenerateInput) -> NormalizedGenerate:
+        tokenize = None
+        if self.tokenizer is not None:
+            tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731
+        return normalize_generate(inp, tokenize, self.runner.vocab_size, self.runner.context_len)
+
+    # --- public API -----------------------------------------------------------------------------
+
+    def generate(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+                 sampling_params: dict | list[dict] | None = None, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0, token_ids_logprob: list[int] | None = None,
+                 stream: bool = False, rid: str | list[str] | None = None,
+                 return_text_in_logprobs: bool = False) -> dict | list[dict] | Iterator[dict]:
+        inp = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
+                            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                            top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
+                            return_text_in_logprobs=return_text_in_logprobs, stream=stream)
+        norm = self._normalize(inp)
+        if stream:
+            return self._stream(norm, return_text_in_logprobs)
+        builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs) for r in norm.requests]
+        queues = self._submit(norm)
+        try:
+            for b, q in zip(builders, queues):
+                while not b.finished:
+                    b.add(q.get())
+        finally:
+            for r in norm.requests:
+                self._done(r.rid)
+        results = [b.to_dict() for b in builders]
+        return results if norm.is_batch else results[0]
+
+    def _stream(self, norm: NormalizedGenerate, return_text_in_logprobs: bool) -> Iterator[dict]:
+        """Cumulative chunks, one per step that produced tokens; batch items carry "index"."""
+        builders = {r.rid: (i, ResponseBuilder(r, self.tokenizer, return_text_in_logprobs))
+                    for i, r in enumerate(norm.requests)}
+        merged: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        with self._lock:
+            for r in norm.requests:
+                if r.rid in self._waiters:
+                    raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
+            for r in norm.requests:
+                self._waiters[r.rid] = merged
+        for r in norm.requests:
+            self._inbox.put(r)
+        remaining = len(builders)
+        try:
+            while remaining:
+                out = merged.get()
+                i, b = builders[out.rid]
+                b.add(out)
+                if b.finished:
+                    remaining -= 1
+                chunk = b.to_dict()
+                if norm.is_batch:
+                    chunk["index"] = i
+                yield chunk
+        finally:
+            if remaining:  # the consumer stopped early: free the engine's work
+                for r in norm.requests:
+                    self._inbox.put(AbortRequest(rid=r.rid))
+            for r in norm.requests:
+                self._done(r.rid)
+
+    async def async_generate(self, *args: Any, **kwargs: Any) -> dict | list[dict] | AsyncIterator[dict]:
+        if kwargs.get("stream"):
+            return self._async_stream(*args, **kwargs)
+        return await asyncio.to_thread(self.generate, *args, **kwargs)
+
+    async def _async_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[dict]:
+        it = self.generate(*args, **kwargs)
+        sentinel = object()
+        while True:
+            chunk = await asyncio.to_thread(next, it, sentinel)
+            if chunk is sentinel:
+                return
+            yield chunk
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        self._inbox.put(AbortRequest(rid=rid, abort_all=abort_all))
+
+    def flush_cache(self) -> FlushCacheResult:
+        self._inbox.put(FlushCacheRequest())
+        return self._flush_waiters.get()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

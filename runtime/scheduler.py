@@ -1,0 +1,476 @@
+"""Continuous batching: which requests run each step, with how many tokens, and what they produce.
+
+Every running request extends its sequence by the tokens whose KV is missing: a whole prompt chunk
+(prefill, possibly on top of a cached prefix) or its newest token (decode). Both kinds run in one
+forward pass. KV memory comes from the page allocator; the radix cache shares prefixes between
+requests, and when memory runs out the scheduler evicts cached prefixes, then retracts requests
+(frees their KV and re-queues them; they recompute it later and continue where they stopped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from runtime.forward_batch import ForwardBatch
+from runtime.messages import (AbortRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
+                              RequestOutput, SchedulerInput)
+from runtime.model_runner import ModelRunner
+from runtime.page_allocator import PageAllocator
+from runtime.radix_cache import RadixCache
+from runtime.req_to_token_pool import ReqToTokenPool
+from runtime.request import Request, RequestStatus
+from runtime.sampler import Sampler, logprob_entries, processed_logprobs
+from runtime.stop_checker import StopChecker
+
+logger = logging.getLogger(__name__)
+
+# Longest-prefix-first ordering costs a tree match per waiting request; past this many, serve FCFS.
+LPM_MAX_WAITING = 128
+# A waiting request sharing at least this many uncached tokens with one admitted in the same step
+# waits a step, so the shared prefix is computed once and then read from the cache (n > 1 groups).
+IN_BATCH_SHARED_PREFIX = 32
+# Admission keeps this fraction of running requests' remaining new tokens free for their decodes.
+DECODE_RESERVE_RATIO = 0.3
+DECODE_RESERVE_CLIP = 256
+
+
+@dataclass
+class _Scheduled:
+    req: Request
+    extend_len: int
+    kv_start: int
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, eos_token_ids: set[int], stop_checker: StopChecker | None = None):
+        args = runner.args
+        self.args = args
+        self.runner = runner
+        self.page_size = args.page_size
+        self.context_len = runner.context_len
+        self.vocab_size = runner.vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.stop_checker = stop_checker
+        pool = runner.kv_pool
+        self.allocator = PageAllocator(pool.num_slots // self.page_size, self.page_size, pool.device)
+        self.cache = RadixCache(self.allocator, self.page_size, disable=args.disable_radix_cache)
+        self.req_pool = ReqToTokenPool(args.max_running_requests, self.context_len, pool.pad_slot, pool.device)
+        self.sampler = Sampler(self.vocab_size, eos_token_ids)
+        self.rng = random.Random(args.random_seed)
+        self.weight_version = args.weight_version
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_retractions = 0
+        self.forward_steps = 0
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
+        if isinstance(msg, GenerateRequest):
+            self.add_request(msg)
+            return []
+        if isinstance(msg, AbortRequest):
+            return self.abort(msg.rid, msg.abort_all)
+        if isinstance(msg, FlushCacheRequest):
+            return [self.flush_cache()]
+        raise TypeError(f"Unknown scheduler message {type(msg).__name__}")
+
+    def add_request(self, msg: GenerateRequest) -> None:
+        if msg.rid in self.requests:
+            raise ValueError(f"Duplicate request id rid={msg.rid!r}: a request with it is still running.")
+        seed = msg.sampling_params.sampling_seed
+        if seed is None:
+            seed = self.rng.getrandbits(63)
+        req = Request.from_message(msg, seed)
+        self.requests[req.rid] = req
+        self.waiting.append(req)
+
+    def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list[RequestOutput]:
+        """Abort requests whose rid starts with `rid` (or all); they answer with their partial output."""
+        outputs = []
+        for req in list(self.requests.values()):
+            if abort_all or req.rid.startswith(rid):
+                req.finish_reason = {"type": "abort", "message": message}
+                self._finish(req)
+                outputs.append(self._output(req))
+        return outputs
+
+    def flush_cache(self) -> FlushCacheResult:
+        if self.requests:
+            return FlushCacheResult(success=False, message="Cache not flushed: there are running or waiting requests.")
+        self.cache.reset()
+        self.allocator.reset()
+        self.req_pool.reset()
+        return FlushCacheResult(success=True, message="Cache flushed.")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass over a batch; return what requests produced (streamed or finished)."""
+        decodes = self._alloc_decode_slots([r for r in self.running if r.num_uncomputed == 1])
+        extends = self._schedule_extends([r for r in self.running if r.num_uncomputed > 1])
+        if not extends and not decodes:
+            return []
+        # One-token extends join the decode group, which must come last in the batch.
+        extends.sort(key=lambda s: s.extend_len == 1)
+        scheduled = extends + [_Scheduled(r, 1, r.kv_len) for r in decodes]
+        batch, sample_rows, lp_rows = self._build_batch(scheduled)
+        logits = self.runner.forward(batch)
+        self.forward_steps += 1
+        outputs: list[RequestOutput] = []
+        for s in scheduled:
+            s.req.kv_len = s.kv_start + s.extend_len
+        self._input_logprobs(scheduled, logits, lp_rows)
+        self._sample(scheduled, logits, sample_rows)
+        for s in scheduled:
+            req = s.req
+            if req.finished:
+                self._finish(req)
+                outputs.append(self._output(req))
+            elif req.stream and len(req.output_ids) > req.sent_tokens:
+                outputs.append(self._output(req))
+        return outputs
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def _ensure_free(self, num_tokens: int) -> bool:
+        available = self.allocator.available_tokens()
+        if available < num_tokens:
+            self.cache.evict(num_tokens - available)
+        return self.allocator.available_tokens() >= num_tokens
+
+    def _alloc_decode_slots(self, decodes: list[Request]) -> list[Request]:
+        """One KV slot per decoding request; retract requests until they fit."""
+        while decodes:
+            need = sum(1 for r in decodes if r.kv_len % self.page_size == 0) * self.page_size
+            if self._ensure_free(need):
+                break
+            victim = self._retraction_victim()
+            self._retract(victim)
+            if victim in decodes:
+                decodes.remove(victim)
+        if not decodes:
+            return decodes
+        rows = torch.tensor([r.req_pool_row for r in decodes])
+        cur = torch.tensor([r.kv_len for r in decodes])
+        last = self.req_pool.table[rows, (cur - 1).clamp(min=0)]
+        slots = self.allocator.alloc_decode(cur, last)
+        assert slots is not None, "decode allocation failed after ensuring free memory"
+        self.req_pool.table[rows, cur] = slots
+        return decodes
+
+    def _retraction_victim(self) -> Request:
+        # The request that has produced least loses least by recomputing; among equals the newest.
+        return min(self.running, key=lambda r: (len(r.output_ids), -r.arrival))
+
+    def _retract(self, req: Request) -> None:
+        self._release_kv(req)
+        if req.input_logprobs_pending:  # prompt logprobs are recomputed from the start
+            req.input_token_logprobs.clear()
+            req.input_top_logprobs.clear()
+            req.input_token_ids_logprobs.clear()
+        req.status = RequestStatus.WAITING
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.num_retractions += 1
+        logger.debug("Retracted %s with %d output tokens", req.rid, len(req.output_ids))
+
+    def _release_kv(self, req: Request) -> None:
+        """Give the request's KV to the cache (so it can be reused) and free the rest."""
+        if req.req_pool_row is None:
+            return
+        slots = self.req_pool.read(req.req_pool_row, 0, req.kv_len).clone()
+        if self.cache.disable:
+            self.allocator.free_slots(slots[req.prefix_len:])
+        else:
+            tokens = req.fill_ids[:req.kv_len]
+            existed = self.cache.insert(tokens, slots)
+            aligned = req.kv_len - req.kv_len % self.page_size
+            self.allocator.free_slots(slots[req.prefix_len:existed])
+            self.allocator.free_slots(slots[aligned:])
+            self.cache.dec_lock(req.last_node)
+        self.req_pool.free(req.req_pool_row)
+        req.req_pool_row = None
+        req.last_node = None
+        req.kv_len = 0
+        req.prefix_len = 0
+
+    def _share_prefix(self, req: Request) -> None:
+        """After a prefill, put the prompt's KV in the cache so siblings waiting on it find it."""
+        if self.cache.disable:
+            return
+        slots = self.req_pool.read(req.req_pool_row, 0, req.kv_len).clone()
+        tokens = req.fill_ids[:req.kv_len]
+        existed = self.cache.insert(tokens, slots)
+        self.allocator.free_slots(slots[req.prefix_len:existed])
+        match = self.cache.match_prefix(tokens)
+        n = match.slots.shape[0]
+        self.req_pool.write(req.req_pool_row, 0, match.slots)
+        self.cache.inc_lock(match.last_node)
+        self.cache.dec_lock(req.last_node)
+        req.last_node = match.last_node
+        req.prefix_len = n
+
+    # --- admission ------------------------------------------------------------------------------
+
+    def _decode_reserve(self) -> int:
+        remaining = sum(min(r.sampling_params.max_new_tokens - len(r.output_ids), DECODE_RESERVE_CLIP)
+                        for r in self.running)
+        return int(remaining * DECODE_RESERVE_RATIO)
+
+    def _schedule_extends(self, prefilling: list[Request]) -> list[_Scheduled]:
+        budget = self.args.chunked_prefill_size
+        scheduled: list[_Scheduled] = []
+        for req in prefilling:  # chunked prefills already under way go first
+            if budget <= 0:
+                break
+            n = min(req.num_uncomputed, budget)
+            if not self._alloc_extend(req, n):
+                break
+            scheduled.append(_Scheduled(req, n, req.kv_len))
+            budget -= n
+        if budget > 0 and self.waiting:
+            scheduled += self._admit(budget)
+        return scheduled
+
+    def _alloc_extend(self, req: Request, n: int) -> bool:
+        if not self._ensure_free(n + self.page_size):
+            return False
+        last = int(self.req_pool.table[req.req_pool_row, req.kv_len - 1]) if req.kv_len else -1
+        slots = self.allocator.alloc_tokens(req.kv_len, last, n)
+        if slots is None:
+            return False
+        self.req_pool.write(req.req_pool_row, req.kv_len, slots)
+        return True
+
+    def _admission_order(self) -> list[Request]:
+        if self.cache.disable or len(self.waiting) > LPM_MAX_WAITING:
+            return list(self.waiting)
+        matched = {id(r): self.cache.match_prefix(r.fill_ids).slots.shape[0] for r in self.waiting}
+        return sorted(self.waiting, key=lambda r: -matched[id(r)])  # stable: FCFS among equals
+
+    def _admit(self, budget: int) -> list[_Scheduled]:
+        scheduled: list[_Scheduled] = []
+        admitted_fills: list[list[int]] = []
+        reserve = self._decode_reserve()
+        for req in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.args.max_running_requests:
+                break
+            fill = req.fill_ids
+            match = self.cache.match_prefix(fill)
+            prefix = self._usable_prefix(req, match.slots.shape[0])
+            if any(_common_prefix_len(fill, other) - prefix >= IN_BATCH_SHARED_PREFIX for other in admitted_fills):
+                continue
+            n = min(len(fill) - prefix, budget)
+            self.cache.inc_lock(match.last_node)
+            if not self._ensure_free(n + self.page_size + reserve):
+                self.cache.dec_lock(match.last_node)
+                break
+            last = int(match.slots[prefix - 1]) if prefix else -1
+            slots = self.allocator.alloc_tokens(prefix, last, n)
+            row = self.req_pool.alloc()
+            if slots is None or row is None:
+                if slots is not None:
+                    self.allocator.free_slots(slots)
+                self.cache.dec_lock(match.last_node)
+                break
+            self.req_pool.write(row, 0, match.slots[:prefix])
+            self.req_pool.write(row, prefix, slots)
+            req.req_pool_row, req.last_node, req.prefix_len, req.kv_len = row, match.last_node, prefix, prefix
+            if not req.admitted_once:
+                req.cached_tokens = prefix
+                req.admitted_once = True
+            req.status = RequestStatus.RUNNING
+            self.waiting.remove(req)
+            self.running.append(req)
+            scheduled.append(_Scheduled(req, n, prefix))
+            admitted_fills.append(fill)
+            budget -= n
+        return scheduled
+
+    def _usable_prefix(self, req: Request, matched: int) -> int:
+        # At least one token must run to produce logits; prompt logprobs need their positions computed.
+        limit = len(req.fill_ids) - 1
+        if req.input_logprobs_pending:
+            limit = min(limit, req.logprob_start_len)
+        limit -= limit % self.page_size
+        return min(matched, limit)
+
+    # --- the batch ------------------------------------------------------------------------------
+
+    def _build_batch(self, scheduled: list[_Scheduled]) -> tuple[ForwardBatch, dict[int, int], dict[int, tuple[int, int]]]:
+        """The ForwardBatch, plus which logits row samples each request and which rows hold its
+        prompt-logprob positions (first row, first position)."""
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        out_slots: list[torch.Tensor] = []
+        logits_indices: list[int] = []
+        sample_rows: dict[int, int] = {}
+        lp_rows: dict[int, tuple[int, int]] = {}
+        num_extend = max((i + 1 for i, s in enumerate(scheduled) if s.extend_len > 1), default=0)
+        t = 0
+        for i, s in enumerate(scheduled):
+            req, n, start = s.req, s.extend_len, s.kv_start
+            prompt_len = len(req.input_ids)
+            if n == 1:  # decode: avoid building the whole fill list
+                ids.append(req.input_ids[start] if start < prompt_len else req.output_ids[start - prompt_len])
+            else:
+                ids.extend(req.fill_ids[start:start + n])
+            end = start + n
+            fill_len = prompt_len + len(req.output_ids)
+            if req.input_logprobs_pending:
+                lo = max(req.logprob_start_len, start)
+                hi = min(end, prompt_len)
+                if lo < hi:
+                    lp_rows[i] = (len(logits_indices), lo)
+                    logits_indices.extend(range(t + lo - start, t + hi - start))
+            if end == fill_len:
+                last_row = t + n - 1
+                if logits_indices and logits_indices[-1] == last_row:
+                    sample_rows[i] = len(logits_indices) - 1
+                else:
+                    sample_rows[i] = len(logits_indices)
+                    logits_indices.append(last_row)
+            t += n
+        rows = torch.tensor([s.req.req_pool_row for s in scheduled])
+        prefix_lens = torch.tensor([s.kv_start for s in scheduled])
+        extend_lens = torch.tensor([s.extend_len for s in scheduled])
+        seq_lens = prefix_lens + extend_lens
+        for s in scheduled[:num_extend]:
+            positions.append(torch.arange(s.kv_start, s.kv_start + s.extend_len))
+            out_slots.append(self.req_pool.read(s.req.req_pool_row, s.kv_start, s.kv_start + s.extend_len))
+        if num_extend < len(scheduled):
+            dec_rows, dec_pos = rows[num_extend:], prefix_lens[num_extend:]
+            positions.append(dec_pos)
+            out_slots.append(self.req_pool.table[dec_rows, dec_pos])
+        device = self.runner.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, device=device),
+            positions=torch.cat(positions).to(device),
+            out_slots=torch.cat(out_slots).to(device),
+            prefix_lens=prefix_lens.to(device),
+            extend_lens=extend_lens.to(device),
+            seq_lens=seq_lens.to(device),
+            page_table=self.req_pool.table[rows.to(device), :int(seq_lens.max())],
+            num_extend=num_extend,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        )
+        return batch, sample_rows, lp_rows
+
+    # --- results --------------------------------------------------------------------------------
+
+    def _input_logprobs(self, scheduled: list[_Scheduled], logits: torch.Tensor,
+                        lp_rows: dict[int, tuple[int, int]]) -> None:
+        for i, (row0, pos0) in lp_rows.items():
+            req = scheduled[i].req
+            prompt_len = len(req.input_ids)
+            end = min(req.kv_len, prompt_len)
+            if pos0 == req.logprob_start_len:  # the first reported position has no context: null
+                req.input_token_logprobs.append(None)
+                req.input_top_logprobs.append(None)
+                req.input_token_ids_logprobs.append(None)
+            # Row for position p predicts token p + 1; the last prompt position predicts no prompt token.
+            last_pos = min(end, prompt_len - 1)
+            if last_pos > pos0:
+                rows = logits[row0:row0 + last_pos - pos0]
+                targets = torch.tensor(req.input_ids[pos0 + 1:last_pos + 1])
+                lp = processed_logprobs(rows, req.sampling_params.temperature)
+                chosen, top, by_id = logprob_entries(lp, targets, req.top_logprobs_num, req.token_ids_logprob)
+                req.input_token_logprobs.extend(chosen)
+                if top is not None:
+                    req.input_top_logprobs.extend(top)
+                if by_id is not None:
+                    req.input_token_ids_logprobs.extend(by_id)
+            if end >= prompt_len:
+                req.input_logprobs_pending = False
+
+    def _sample(self, scheduled: list[_Scheduled], logits: torch.Tensor, sample_rows: dict[int, int]) -> None:
+        todo = [(i, r) for i, r in sample_rows.items()
+                if len(scheduled[i].req.output_ids) < scheduled[i].req.sampling_params.max_new_tokens]
+        for i in sample_rows:
+            req = scheduled[i].req
+            if req.sampling_params.max_new_tokens == 0:
+                req.finish_reason = {"type": "length", "length": 0}
+        if not todo:
+            return
+        reqs = [scheduled[i].req for i, _ in todo]
+        rows = logits[torch.tensor([r for _, r in todo])]
+        out = self.sampler.sample(rows, reqs, [r.return_logprob for r in reqs], [r.top_logprobs_num for r in reqs],
+                                  [r.token_ids_logprob for r in reqs])
+        for j, req in enumerate(reqs):
+            token = out.next_token_ids[j]
+            req.output_ids.append(token)
+            req.output_weight_versions.append(self.weight_version)
+            if req.return_logprob:
+                req.output_token_logprobs.append(out.logprobs[j])
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.append(out.top_logprobs[j])
+                if req.token_ids_logprob is not None:
+                    req.output_token_ids_logprobs.append(out.token_ids_logprobs[j])
+            req.finish_reason = self._check_finish(req, token)
+
+    def _check_finish(self, req: Request, token: int) -> dict | None:
+        sp = req.sampling_params
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            if len(req.output_ids) >= sp.min_new_tokens:
+                return {"type": "stop", "matched": token}
+        if sp.stop and self.stop_checker is not None and len(req.output_ids) >= sp.min_new_tokens:
+            matched = self.stop_checker.find(req.output_ids, sp.stop)
+            if matched is not None:
+                return {"type": "stop", "matched": matched}
+        if len(req.output_ids) >= sp.max_new_tokens:
+            return {"type": "length", "length": sp.max_new_tokens}
+        if len(req.input_ids) + len(req.output_ids) >= self.context_len:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def _finish(self, req: Request) -> None:
+        self._release_kv(req)
+        if req in self.running:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        self.requests.pop(req.rid, None)
+
+    def _output(self, req: Request) -> RequestOutput:
+        new = req.output_ids[req.sent_tokens:]
+        k = req.sent_tokens
+        out = RequestOutput(
+            rid=req.rid, new_token_ids=new, prompt_tokens=len(req.input_ids), cached_tokens=req.cached_tokens,
+            weight_version=self.weight_version, finished=req.finished, finish_reason=req.finish_reason,
+            output_token_weight_versions=req.output_weight_versions[k:])
+        if req.return_logprob:
+            out.output_token_logprobs = req.output_token_logprobs[k:]
+            out.output_top_logprobs = req.output_top_logprobs[k:]
+            out.output_token_ids_logprobs = req.output_token_ids_logprobs[k:]
+            if not req.sent_input_logprobs and (not req.input_logprobs_pending or req.finished):
+                out.input_token_logprobs = req.input_token_logprobs
+                out.input_top_logprobs = req.input_top_logprobs if req.top_logprobs_num else None
+                out.input_token_ids_logprobs = req.input_token_ids_logprobs if req.token_ids_logprob is not None else None
+                req.sent_input_logprobs = True
+        req.sent_tokens = len(req.output_ids)
+        return out
+
+    # --- checks for tests and metrics -----------------------------------------------------------
+
+    def is_idle_clean(self) -> bool:
+        """No request holds KV and every slot is either free or in the cache (nothing leaked)."""
+        self.cache.check_integrity()
+        return (not self.requests and self.cache.protected_size() == 0
+                and self.allocator.available_tokens() + self.cache.total_size() == self.allocator.num_pages * self.page_size
+                and self.req_pool.available() == self.req_pool.num_rows)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    return len(os.path.commonprefix([a, b]))

@@ -77,12 +77,13 @@ class PageAllocator:
         ps = self.page_size
         if ps == 1:
             return self.alloc_pages(cur_lens.numel())
+        # Pass cur_lens on the CPU to keep the page count free of a device sync.
         needs_page = cur_lens % ps == 0
         pages = self.alloc_pages(int(needs_page.sum()))
         if pages is None:
             return None
-        out = last_slots.to(torch.int64) + 1
-        out[needs_page] = pages * ps
+        out = last_slots.to(self.device, torch.int64) + 1
+        out[needs_page.to(self.device)] = pages * ps
         return out
 
     def free_slots(self, slots: torch.Tensor) -> None:

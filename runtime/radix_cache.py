@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Hashable, Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 
@@ -109,7 +109,7 @@ class RadixCache:
             if child is None:
                 leaf = TreeNode(
                     key=token_ids[pos:end],
-                    value=slots[pos:end].to(torch.int64, copy=True),
+                    value=slots[pos:end].to(self.allocator.device, torch.int64, copy=True),
                     parent=node,
                     last_access=self._clock,
                 )
@@ -184,6 +184,7 @@ class RadixCache:
         ps = self.page_size
         evictable = protected = count = 0
         all_slots = []
+        offsets = torch.arange(ps, device=self.allocator.device)
         for node in self._nodes():
             count += 1
             assert not node.evicted, "evicted node still in tree"
@@ -194,7 +195,7 @@ class RadixCache:
             assert node.value.dtype == torch.int64 and node.value.numel() == len(node.key), "value/key length mismatch"
             pages = node.value.view(-1, ps)
             assert bool((pages[:, 0] % ps == 0).all()), "page does not start at offset 0"
-            assert bool((pages - pages[:, :1] == self.allocator._offsets).all()), "page slots not contiguous"
+            assert bool((pages - pages[:, :1] == offsets).all()), "page slots not contiguous"
             assert node.lock_ref >= sum(c.lock_ref for c in node.children.values()), "child locked more than parent"
             assert node.lock_ref >= 0
             if node.lock_ref > 0:

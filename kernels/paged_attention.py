@@ -15,6 +15,14 @@ def store_kv_torch(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Te
     v_cache[slots] = v
 
 
+def gather_pages(cache: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """cache[page_table] as [B, Lk, Hkv, D]; index_select on 2-D rows is several times faster on CPU
+    than advanced indexing, and this gather is most of decode attention's cost."""
+    b, lk = page_table.shape
+    rows = cache.view(cache.shape[0], -1).index_select(0, page_table.reshape(-1))
+    return rows.view(b, lk, *cache.shape[1:])
+
+
 def paged_attention_torch(
     q: torch.Tensor,            # [B, Lq, H, D] queries, padded per request
     k_cache: torch.Tensor,      # [S, Hkv, D]
@@ -23,8 +31,8 @@ def paged_attention_torch(
     mask: torch.Tensor,         # [B, Lq, Lk] bool, True where a query may attend a key
     scale: float,
 ) -> torch.Tensor:              # [B, Lq, H, D]
-    k = k_cache[page_table].transpose(1, 2)  # [B, Hkv, Lk, D]
-    v = v_cache[page_table].transpose(1, 2)
+    k = gather_pages(k_cache, page_table).transpose(1, 2)  # [B, Hkv, Lk, D]
+    v = gather_pages(v_cache, page_table).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k, v, attn_mask=mask.unsqueeze(1), scale=scale,
         enable_gqa=q.shape[2] != k.shape[1],

@@ -55,3 +55,61 @@ def attention_mask(prefix_lens: torch.Tensor, extend_lens: torch.Tensor, max_q: 
     mask &= valid_q[:, :, None]
     mask[:, :, 0] |= ~valid_q
     return mask
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [N, Hkv, R, D] (R query rows per kv head), k/v: [N, Hkv, L, D], key_mask: [N, L] or None.
+
+    Returns the attention output [N, Hkv, R, D] and the log-sum-exp of the scores [N, Hkv, R], so two
+    attentions over disjoint key sets can be merged exactly (merge_attention)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = scores.sub_(lse.unsqueeze(-1)).exp_()
+    return torch.matmul(probs, v), lse
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A ∪ B from the attentions over A and over B (outputs [..., D], lse [...])."""
+    m = torch.maximum(lse1, lse2)
+    w1 = torch.exp(lse1 - m).unsqueeze(-1)
+    w2 = torch.exp(lse2 - m).unsqueeze(-1)
+    return (o1 * w1 + o2 * w2) / (w1 + w2)
+
+
+def cascade_decode_attention_torch(
+    q: torch.Tensor,               # [B, H, D] one query per request
+    k_cache: torch.Tensor, v_cache: torch.Tensor,   # [S, Hkv, D]
+    prefix_table: torch.Tensor,    # [G, P] slots of each group's shared prefix, padded
+    prefix_mask: torch.Tensor,     # [G, P] bool
+    member_index: torch.Tensor,    # [G, M] decode row of each group member, padded with 0
+    member_rows: torch.Tensor,     # [K] decode rows that belong to a group
+    member_flat: torch.Tensor,     # [K] their position in the padded [G*M] member layout
+    suffix_table: torch.Tensor,    # [B, Ls] slots of each request's keys after its group's prefix
+    suffix_mask: torch.Tensor,     # [B, Ls] bool
+    scale: float,
+) -> torch.Tensor:                 # [B, H, D]
+    """Decode attention where groups of requests share a prefix (the n samples of one prompt): the
+    prefix's keys are read once per group and attended by all members' queries in one matmul, then
+    merged with each request's attention over its own suffix."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    g = h // hkv
+    qs = q.view(b, hkv, g, d)
+    ks = gather_pages(k_cache, suffix_table).transpose(1, 2)
+    vs = gather_pages(v_cache, suffix_table).transpose(1, 2)
+    out, lse = attention_with_lse(qs, ks, vs, suffix_mask, scale)      # [B, Hkv, G, D], [B, Hkv, G]
+    if member_rows.numel() == 0:
+        return out.reshape(b, h, d)
+    n_groups, m = member_index.shape
+    qp = qs[member_index]                                              # [NG, M, Hkv, G, D]
+    qp = qp.permute(0, 2, 1, 3, 4).reshape(n_groups, hkv, m * g, d)
+    kp = gather_pages(k_cache, prefix_table).transpose(1, 2)
+    vp = gather_pages(v_cache, prefix_table).transpose(1, 2)
+    op, lp = attention_with_lse(qp, kp, vp, prefix_mask, scale)        # [NG, Hkv, M*G, D]
+    op = op.view(n_groups, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(n_groups * m, hkv, g, d)[member_flat]
+    lp = lp.view(n_groups, hkv, m, g).permute(0, 2, 1, 3).reshape(n_groups * m, hkv, g)[member_flat]
+    out[member_rows] = merge_attention(op, lp, out[member_rows], lse[member_rows])
+    return out.reshape(b, h, d)

@@ -118,6 +118,9 @@ class Scheduler:
     def step(self) -> list[RequestOutput]:
         """Run one forward pass over a batch; return what requests produced (streamed or finished)."""
         decodes = self._alloc_decode_slots([r for r in self.running if r.num_uncomputed == 1])
+        if len(decodes) > 1:  # requests sharing a cached prefix side by side: attention reads it once
+            first_slots = self.req_pool.table[torch.tensor([r.req_pool_row for r in decodes]), 0].tolist()
+            decodes = [r for _, r in sorted(zip(first_slots, decodes), key=lambda x: x[0])]
         extends = self._schedule_extends([r for r in self.running if r.num_uncomputed > 1])
         if not extends and not decodes:
             return []
@@ -137,8 +140,11 @@ class Scheduler:
             if req.finished:
                 self._finish(req)
                 outputs.append(self._output(req))
-            elif req.stream and len(req.output_ids) > req.sent_tokens:
-                outputs.append(self._output(req))
+            else:
+                if s.extend_len > 1:  # siblings waiting on this prompt read its KV from the cache
+                    self._share_prefix(req)
+                if req.stream and len(req.output_ids) > req.sent_tokens:
+                    outputs.append(self._output(req))
         return outputs
 
     # --- memory ---------------------------------------------------------------------------------
@@ -240,7 +246,7 @@ class Scheduler:
             scheduled.append(_Scheduled(req, n, req.kv_len))
             budget -= n
         if budget > 0 and self.waiting:
-            scheduled += self._admit(budget)
+            scheduled += self._admit(budget, [s.req.fill_ids for s in scheduled])
         return scheduled
 
     def _alloc_extend(self, req: Request, n: int) -> bool:
@@ -259,9 +265,9 @@ class Scheduler:
         matched = {id(r): self.cache.match_prefix(r.fill_ids).slots.shape[0] for r in self.waiting}
         return sorted(self.waiting, key=lambda r: -matched[id(r)])  # stable: FCFS among equals
 
-    def _admit(self, budget: int) -> list[_Scheduled]:
+    def _admit(self, budget: int, prefilling_fills: list[list[int]]) -> list[_Scheduled]:
         scheduled: list[_Scheduled] = []
-        admitted_fills: list[list[int]] = []
+        admitted_fills: list[list[int]] = list(prefilling_fills)
         reserve = self._decode_reserve()
         for req in self._admission_order():
             if budget <= 0 or len(self.running) >= self.args.max_running_requests:
@@ -269,7 +275,7 @@ class Scheduler:
             fill = req.fill_ids
             match = self.cache.match_prefix(fill)
             prefix = self._usable_prefix(req, match.slots.shape[0])
-            if any(_common_prefix_len(fill, other) - prefix >= IN_BATCH_SHARED_PREFIX for other in admitted_fills):
+            if any(self._should_wait_for(req, fill, prefix, other) for other in admitted_fills):
                 continue
             n = min(len(fill) - prefix, budget)
             self.cache.inc_lock(match.last_node)
@@ -297,6 +303,12 @@ class Scheduler:
             admitted_fills.append(fill)
             budget -= n
         return scheduled
+
+    def _should_wait_for(self, req: Request, fill: list[int], prefix: int, other: list[int]) -> bool:
+        """Whether `req` should wait a step for `other` (being prefilled now) to put their common prefix
+        in the cache: a long shared prefix, or any usable one of an identical prompt (n > 1 siblings)."""
+        shared = self._usable_prefix(req, _common_prefix_len(fill, other)) - prefix
+        return shared >= IN_BATCH_SHARED_PREFIX or (shared > 0 and other == fill)
 
     def _usable_prefix(self, req: Request, matched: int) -> int:
         # At least one token must run to produce logits; prompt logprobs need their positions computed.

@@ -4,13 +4,16 @@ One call of `Sampler.sample` handles one decode step of the whole batch. The ord
 row's fp32 logits is fixed by API.md, because RL trainers recompute these logprobs and must get the
 same numbers:
 
-1. logit_bias, then the eos / stop-token masks (min_new_tokens, ignore_eos), then
+1. logit_bias, then the eos / stop-token mask while min_new_tokens is not reached, then
    repetition_penalty (HF, prompt and output tokens), frequency_penalty and presence_penalty
    (OpenAI, output tokens only). The result is the "processed" logits.
 2. Logprobs are log_softmax(processed / T), T = 1 for greedy rows: the distribution actually sampled
    from, before top-k / top-p / min-p truncation.
 3. Greedy rows take the argmax; other rows draw from softmax(processed / T) truncated by top-k,
    top-p and min-p, by inverse CDF with a uniform number that depends only on (seed, step).
+
+ignore_eos only stops the scheduler from ending a request at EOS (as in SGLang and vLLM); it does not
+mask EOS, so logprobs stay those of the trainer's model.
 
 Batch invariance: every tensor op below works row by row, the random number of a row is a hash of
 its own seed and position, and each row's path through the code depends only on its own
@@ -176,20 +179,23 @@ class Sampler:
         device = logits.device
         # Columns past vocab_size are padding of the LM head; they must never be drawn.
         x = logits[:, : self.vocab_size]
-        owned = x.dtype != torch.float32
+        owned = x.dtype != torch.float32 or not x.is_contiguous()  # then x below is a copy
         x = x.float().contiguous()
 
         plan = self._plan(rows)
         if plan.bias_rows or plan.mask_rows or plan.penalized:
             if not owned:
                 x = x.clone()  # never write into the caller's logits
+                owned = True
             self._edit_logits(x, rows, plan)
 
         scaled = x
         if any(t != 1.0 for t in plan.temperature):
             temps = torch.tensor(plan.temperature, dtype=torch.float32, device=device)
             # Division, not multiplication by 1/T, so the numbers are those of log_softmax(l / T).
-            scaled = x / temps[:, None]
+            # Greedy rows divide by 1, which leaves them exact, so x can be scaled in place when
+            # it is already a private copy.
+            scaled = x.div_(temps[:, None]) if owned else x / temps[:, None]
 
         next_ids = torch.empty(batch, dtype=torch.int64, device=device)
         if plan.greedy:
@@ -212,7 +218,7 @@ class Sampler:
             lsm = torch.log_softmax(_take_rows(scaled, w), dim=-1)
             chosen, tops, ids = _entries(
                 lsm,
-                next_ids[w],
+                _take_rows(next_ids, w),
                 [top_logprobs_num[i] for i in wants],
                 [token_ids_logprob[i] for i in wants],
             )
@@ -245,8 +251,6 @@ class Sampler:
             if len(row.output_ids) < sp.min_new_tokens:
                 masked.update(self.eos_token_ids)
                 masked.update(sp.stop_token_ids)
-            if sp.ignore_eos:
-                masked.update(self.eos_token_ids)
             for tok in masked:
                 if 0 <= tok < self.vocab_size:
                     plan.mask_rows.append(i)
@@ -267,49 +271,45 @@ class Sampler:
         if plan.mask_rows:
             x[_long(plan.mask_rows, device), _long(plan.mask_tokens, device)] = float("-inf")
         if plan.penalized:
-            p = _index(plan.penalized, x.shape[0], device)
-            if p is None:
-                _apply_penalties(x, rows)
-            else:
-                sub = x.index_select(0, p)
-                _apply_penalties(sub, [rows[i] for i in plan.penalized])
-                x.index_copy_(0, p, sub)
+            _apply_penalties(x, rows, plan.penalized)
 
     def _draw(self, scaled: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
         """One token per row from softmax(scaled) truncated by top-k / top-p / min-p."""
         device = scaled.device
-        vocab = scaled.shape[1]
+        n, vocab = scaled.shape
         probs = torch.softmax(scaled, dim=-1)
+        u = seeded_uniform(
+            _long([_as_int64(int(r.seed)) for r in rows], device),
+            _long([len(r.output_ids) for r in rows], device),
+        )
+        params = [r.sampling_params for r in rows]
+        top_k = [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in params]
+        top_p = [float(sp.top_p) for sp in params]
+        min_p = [float(sp.min_p) for sp in params]
+        truncates = [top_k[i] < vocab or top_p[i] < 1.0 for i in range(n)]
+        cut = [i for i in range(n) if truncates[i]]
+        free = [i for i in range(n) if not truncates[i]]
 
-        top_k = [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in (r.sampling_params for r in rows)]
-        top_p = [float(r.sampling_params.top_p) for r in rows]
-        min_p = [float(r.sampling_params.min_p) for r in rows]
-        cut = [i for i in range(len(rows)) if top_k[i] < vocab or top_p[i] < 1.0]
-        if cut or any(m > 0.0 for m in min_p):
-            # A token survives when its prob reaches its row's threshold; rows without any
-            # truncation keep threshold 0, which drops nothing.
-            threshold = torch.zeros(len(rows), dtype=torch.float32, device=device)
-            if cut:
-                c = _index(cut, len(rows), device)
-                kth, tie_rows = _top_k_top_p_cutoff(
-                    _take_rows(probs, c), [top_k[i] for i in cut], [top_p[i] for i in cut]
-                )
-                _put_rows(threshold, c, kth)
-            if any(m > 0.0 for m in min_p):
-                min_p_t = torch.tensor(min_p, dtype=torch.float32, device=device)
-                threshold = torch.maximum(threshold, min_p_t * probs.amax(dim=-1))
-            probs = probs.masked_fill_(probs < threshold[:, None], 0.0)
-            if cut and tie_rows:
-                # Equal probs straddle the top-k/top-p cut: keep only the lowest ids among them,
-                # as a stable descending sort would.
-                for j, need in tie_rows:
-                    row = probs[cut[j]]
-                    ties = row == kth[j]
-                    row.masked_fill_(ties & (ties.cumsum(0) > need), 0.0)
-
-        seeds = _long([_as_int64(int(r.seed)) for r in rows], device)
-        steps = _long([len(r.output_ids) for r in rows], device)
-        return _inverse_cdf(probs, seeded_uniform(seeds, steps))
+        tokens = torch.empty(n, dtype=torch.int64, device=device)
+        if free:
+            f = _index(free, n, device)
+            sub = _take_rows(probs, f)  # probs is ours, so masking it in place is fine
+            floors = [min_p[i] for i in free]
+            if any(m > 0.0 for m in floors):
+                floor = torch.tensor(floors, dtype=torch.float32, device=device) * sub.amax(dim=-1)
+                sub.masked_fill_(sub < floor[:, None], 0.0)
+            _put_rows(tokens, f, _inverse_cdf(sub, _take_rows(u, f)))
+        if cut:
+            c = _index(cut, n, device)
+            picked = _draw_truncated(
+                _take_rows(probs, c),
+                [top_k[i] for i in cut],
+                [top_p[i] for i in cut],
+                [min_p[i] for i in cut],
+                _take_rows(u, c),
+            )
+            _put_rows(tokens, c, picked)
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,112 +329,146 @@ def _index(rows: list[int], batch: int, device: torch.device) -> torch.Tensor | 
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return x if index is None else x.index_select(0, index)
+    # Advanced indexing, not index_select: the latter is several times slower on wide CPU rows.
+    return x if index is None else x[index]
 
 
 def _put_rows(dst: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor) -> None:
     if index is None:
         dst.copy_(src)
     else:
-        dst.index_copy_(0, index, src)
+        dst[index] = src
 
 
-def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplerRow]) -> None:
-    """HF repetition penalty over prompt + output, then OpenAI frequency and presence penalties."""
-    n, vocab = x.shape
+def _token_positions(
+    x: torch.Tensor, row_numbers: list[int], id_lists: list[list[int]]
+) -> torch.Tensor:
+    """Flat positions row * vocab + token in x for every listed token, out-of-vocab ids dropped."""
+    vocab = x.shape[1]
     device = x.device
-    # Counts over a flat [n * vocab] view; ids outside the vocabulary (none expected) are dropped.
-    out_rows: list[int] = []
-    out_ids: list[int] = []
-    seen_rows: list[int] = []
-    seen_ids: list[int] = []
-    for i, row in enumerate(rows):
-        sp = row.sampling_params
-        if sp.repetition_penalty != 1.0:
-            ids = row.input_ids + row.output_ids
-            seen_rows.extend([i] * len(ids))
-            seen_ids.extend(ids)
-        if sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0:
-            out_rows.extend([i] * len(row.output_ids))
-            out_ids.extend(row.output_ids)
+    lengths = _long([len(ids) for ids in id_lists], device)
+    owner = torch.repeat_interleave(_long(row_numbers, device), lengths)
+    tokens = _long([t for ids in id_lists for t in ids], device)
+    ok = (tokens >= 0) & (tokens < vocab)
+    return (owner * vocab + tokens)[ok]
 
-    if seen_ids:
-        flat = _flat_positions(seen_rows, seen_ids, vocab, device)
-        seen = torch.zeros(n * vocab, dtype=torch.bool, device=device)
-        seen[flat] = True
-        penalty = torch.tensor(
-            [r.sampling_params.repetition_penalty for r in rows], dtype=torch.float32, device=device
-        )[:, None]
-        penalized = torch.where(x < 0, x * penalty, x / penalty)
-        torch.where(seen.view(n, vocab), penalized, x, out=x)
 
-    if out_ids:
-        flat = _flat_positions(out_rows, out_ids, vocab, device)
-        counts = torch.zeros(n * vocab, dtype=torch.float32, device=device)
-        counts.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float32, device=device))
-        counts = counts.view(n, vocab)
-        freq = torch.tensor(
-            [r.sampling_params.frequency_penalty for r in rows], dtype=torch.float32, device=device
-        )
-        presence = torch.tensor(
-            [r.sampling_params.presence_penalty for r in rows], dtype=torch.float32, device=device
-        )
+def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplerRow], penalized: list[int]) -> None:
+    """HF repetition penalty over prompt + output, then OpenAI frequency and presence penalties.
+
+    Only the logits of tokens that occur are read and written, so the cost follows the context
+    length rather than batch x vocabulary. A token listed twice is read and written twice with
+    the same value, which is cheaper than deduplicating (torch.unique sorts).
+    """
+    device = x.device
+    vocab = x.shape[1]
+    flat = x.view(-1)
+
+    rep = [i for i in penalized if rows[i].sampling_params.repetition_penalty != 1.0]
+    if rep:
+        pos = _token_positions(x, rep, [rows[i].input_ids + rows[i].output_ids for i in rep])
+        factor = _per_row(x, rep, [rows[i].sampling_params.repetition_penalty for i in rep])[pos // vocab]
+        vals = flat[pos]
+        flat[pos] = torch.where(vals < 0, vals * factor, vals / factor)
+
+    occ = [
+        i
+        for i in penalized
+        if rows[i].sampling_params.frequency_penalty != 0.0 or rows[i].sampling_params.presence_penalty != 0.0
+    ]
+    if occ:
+        pos = _token_positions(x, occ, [rows[i].output_ids for i in occ])
+        ones = torch.ones(pos.shape[0], dtype=torch.float32, device=device)
+        counts = torch.zeros_like(flat).index_put_((pos,), ones, accumulate=True)
+        owner = pos // vocab
+        freq = _per_row(x, occ, [rows[i].sampling_params.frequency_penalty for i in occ])[owner]
+        presence = _per_row(x, occ, [rows[i].sampling_params.presence_penalty for i in occ])[owner]
         # Two separate subtractions, as the semantics are written, so fp32 rounding matches a
         # reference that applies them one after the other.
-        x.sub_(freq[:, None] * counts)
-        x.sub_(presence[:, None] * (counts > 0).float())
+        vals = flat[pos] - freq * counts[pos]
+        flat[pos] = vals - presence
 
 
-def _flat_positions(row_ids: list[int], token_ids: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    r = _long(row_ids, device)
-    t = _long(token_ids, device)
-    ok = (t >= 0) & (t < vocab)
-    return (r * vocab + t)[ok]
+def _per_row(x: torch.Tensor, row_numbers: list[int], values: list[float]) -> torch.Tensor:
+    """A [rows of x] fp32 vector holding values at row_numbers (zero elsewhere, never read)."""
+    out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    out[_long(row_numbers, x.device)] = torch.tensor(values, dtype=torch.float32, device=x.device)
+    return out
 
 
-def _top_k_top_p_cutoff(
-    probs: torch.Tensor, top_k: list[int], top_p: list[float]
-) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Per row, the prob of the last token kept by top-k and top-p, and the rows where equal probs
-    straddle that cut (with how many of the tied tokens to keep).
+def _draw_truncated(
+    probs: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float], u: torch.Tensor
+) -> torch.Tensor:
+    """Draw from the n most probable tokens of each row, n = min(top_k, the smallest count whose
+    cumulative prob reaches top_p), both counted on the untruncated probs; then min_p.
 
-    The kept set is the n most probable tokens, n = min(top_k, smallest count whose cumulative
-    prob reaches top_p), computed on the untruncated probs. Only the sorted values decide n, so
-    torch.topk (whose order among ties is unspecified) gives the same n as a stable sort.
+    torch.topk gives the candidates, so the full-vocabulary sort (very slow on a CPU) is only paid
+    when a top-p cut lies beyond _TOP_P_PROBE * 8**i candidates. Only the sorted values decide n,
+    so topk (whose order among equal values is unspecified) gives the same n as a stable sort. The
+    kept tokens are then put in id order before the inverse CDF, which makes the draw the same as
+    a masked vocabulary-order draw and independent of how many candidates this batch fetched.
     """
     rows, vocab = probs.shape
     device = probs.device
     k_all = _long(top_k, device)
     # top_p = 1 disables the cut; +inf makes every candidate pass the comparison below.
     p_all = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], dtype=torch.float64, device=device)
-    kth = torch.empty(rows, dtype=torch.float32, device=device)
-    need = torch.empty(rows, dtype=torch.int64, device=device)
-    straddles = torch.zeros(rows, dtype=torch.bool, device=device)
+    m_all = torch.tensor(min_p, dtype=torch.float32, device=device)
+    tokens = torch.empty(rows, dtype=torch.int64, device=device)
 
     pending = list(range(rows))
     width = min(vocab, max(min(k, _TOP_P_PROBE) if p < 1.0 else k for k, p in zip(top_k, top_p)))
     while pending:
-        idx = _long(pending, device)
+        idx = _index(pending, rows, device)
         # One look-ahead candidate shows whether the next token ties with the last kept one.
         cand = min(vocab, width + 1)
-        vals = torch.topk(probs.index_select(0, idx), cand, dim=-1).values
+        vals, ids = torch.topk(_take_rows(probs, idx), cand, dim=-1)
         cum = torch.cumsum(vals, dim=-1, dtype=torch.float64)
-        n_p = ((cum - vals.double()) < p_all[idx, None]).sum(dim=-1)
-        k = k_all[idx]
-        n = torch.minimum(n_p, k)
+        n_p = ((cum - vals.double()) < _take_rows(p_all, idx)[:, None]).sum(dim=-1)
+        n = torch.minimum(n_p, _take_rows(k_all, idx))
         located = (n < cand) | (cand == vocab)
         last = vals.gather(1, (n - 1)[:, None]).squeeze(1)
-        n_above = (vals > last[:, None]).sum(dim=-1)
         nxt = vals.gather(1, n.clamp(max=cand - 1)[:, None]).squeeze(1)
-        done = located.tolist()
-        kth[idx] = last
-        need[idx] = n - n_above
-        straddles[idx] = (n < cand) & (nxt == last)
-        pending = [r for r, d in zip(pending, done) if not d]
-        width = min(vocab, width * 8)
+        straddles = (n < cand) & (nxt == last)
+        floor = _take_rows(m_all, idx) * vals[:, 0]
 
-    tie_rows = [(j, nd) for j, (s, nd) in enumerate(zip(straddles.tolist(), need.tolist())) if s]
-    return kth, tie_rows
+        keep = (torch.arange(cand, device=device) < n[:, None]) & (vals >= floor[:, None])
+        # Kept ids first, in id order; dropped ones sort after them with a key past the vocabulary.
+        key, order = torch.where(keep, ids, vocab).sort(dim=-1)
+        weights = torch.where(key < vocab, vals.gather(1, order), 0.0)
+        pick = _inverse_cdf_exact(weights, _take_rows(u, idx))
+        _put_rows(tokens, idx, key.gather(1, pick[:, None]).squeeze(1))
+
+        still: list[int] = []
+        ties: list[int] = []
+        for j, (row, done, tie) in enumerate(zip(pending, located.tolist(), straddles.tolist())):
+            if not done:
+                still.append(row)
+            elif tie:
+                ties.append(j)
+        if ties:
+            # Equal probs straddle the cut, and topk may have fetched any of them: redo these rows
+            # over the whole vocabulary, keeping the lowest ids among the ties (a stable sort's
+            # choice).
+            need = n - (vals > last[:, None]).sum(dim=-1)
+            for j in ties:
+                row = pending[j]
+                p = probs[row]
+                level = p == last[j]
+                kept = (p > last[j]) | (level & (level.cumsum(0) <= need[j]))
+                w = torch.where(kept & (p >= floor[j]), p, 0.0)
+                tokens[row] = _inverse_cdf(w[None], u[row : row + 1])[0]
+        pending = still
+        width = min(vocab, width * 8)
+    return tokens
+
+
+def _inverse_cdf_exact(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index per row where the float64 running sum of weights first exceeds u * total."""
+    cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    total = cdf[:, -1]
+    target = torch.minimum(u * total, _below(total))
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -454,8 +488,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     block = torch.cat(parts, dim=1).double()
     cdf = torch.cumsum(block, dim=-1)
     total = cdf[:, -1]
-    # Strictly below the total, so the search lands on a block (and token) with positive mass.
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(u * total, _below(total))
     b = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     mass = block.gather(1, b[:, None]).squeeze(1)
     start = cdf.gather(1, b[:, None]).squeeze(1) - mass
@@ -466,9 +499,15 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     w = probs.gather(1, cols.clamp(max=vocab - 1)).double() * inside
     local = torch.cumsum(w, dim=-1)
     local_total = local[:, -1]
-    local_target = torch.minimum(local_u * local_total, torch.nextafter(local_total, torch.zeros_like(local_total)))
+    local_target = torch.minimum(local_u * local_total, _below(local_total))
     j = torch.searchsorted(local, local_target[:, None], right=True).squeeze(1).clamp_(max=_CDF_BLOCK - 1)
     return (b * _CDF_BLOCK + j).clamp_(max=vocab - 1)
+
+
+def _below(total: torch.Tensor) -> torch.Tensor:
+    """The largest float64 under total: a search target strictly below the running sum's end
+    lands on an entry with positive weight, whatever u rounds to."""
+    return torch.nextafter(total, torch.zeros_like(total))
 
 
 def _entries(

@@ -1,0 +1,87 @@
+"""Shared fixtures.
+
+`tiny_model_dir(family, **overrides)` saves a small, seeded, random transformers model (config.json,
+model.safetensors, generation_config.json; no tokenizer) to a temporary directory and returns its path.
+The same arguments give the same directory for the whole session, so building it costs once.
+
+    def test_something(tiny_model_dir):
+        path = tiny_model_dir("qwen3", num_hidden_layers=1)
+
+`family` is one of TINY_FAMILIES ("llama", "qwen2", "qwen3", "mistral"); keyword arguments override the
+config (anything the family's config class takes, e.g. tie_word_embeddings=True, rope_parameters=...).
+Two keyword-only knobs are not config fields: `seed` (default 0) and `init_std` (default 0.15). Weights
+are drawn from N(0, init_std) and norm weights from 1 + N(0, init_std), instead of transformers' tiny
+default init (std 0.02, zero biases, unit norms), so logits are far from flat and a wrong bias, norm or
+rotary shows up as a large difference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+# Small enough to build in well under a second, big enough to have GQA, several heads and real rotary.
+TINY_BASE: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+
+TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    # family: (config class name in transformers, family-specific defaults)
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),                 # q/k/v always carry a bias
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),   # q/k norm; head_dim != hidden / heads on purpose
+    "mistral": ("MistralConfig", {}),
+}
+
+
+def build_tiny_model(family: str, seed: int = 0, init_std: float = 0.15, **overrides: Any):
+    """The random transformers model (fp32, eval mode) that tiny_model_dir saves."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny model family {family!r}; known: {sorted(TINY_FAMILIES)}.")
+    config_cls_name, family_defaults = TINY_FAMILIES[family]
+    config = getattr(transformers, config_cls_name)(**{**TINY_BASE, **family_defaults, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights appear once
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * init_std
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + noise)
+            else:
+                param.copy_(noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    cache: dict[str, str] = {}
+
+    def make(family: str, *, seed: int = 0, init_std: float = 0.15, **overrides: Any) -> str:
+        key = json.dumps([family, seed, init_std, overrides], sort_keys=True, default=repr)
+        if key not in cache:
+            model = build_tiny_model(family, seed=seed, init_std=init_std, **overrides)
+            path = Path(tmp_path_factory.mktemp(f"tiny-{family}"))
+            model.save_pretrained(str(path), safe_serialization=True)
+            cache[key] = str(path)
+        return cache[key]
+
+    return make

@@ -76,16 +76,16 @@ class Engine:
             if waiter is not None:
                 waiter.put(out)
 
-    def _submit(self, norm: NormalizedGenerate) -> list[queue.SimpleQueue[RequestOutput]]:
-        queues = []
+    def _submit(self, norm: NormalizedGenerate,
+                merged: queue.SimpleQueue[RequestOutput] | None = None) -> list[queue.SimpleQueue[RequestOutput]]:
+        """Register a queue per request (or one shared queue) and hand the requests to the scheduler."""
+        queues = [merged or queue.SimpleQueue() for _ in norm.requests]
         with self._lock:
             for r in norm.requests:
                 if r.rid in self._waiters:
                     raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
-            for r in norm.requests:
-                q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+            for r, q in zip(norm.requests, queues):
                 self._waiters[r.rid] = q
-                queues.append(q)
         for r in norm.requests:
             self._inbox.put(r)
         return queues
@@ -127,18 +127,16 @@ class Engine:
         return results if norm.is_batch else results[0]
 
     def _stream(self, norm: NormalizedGenerate, return_text_in_logprobs: bool) -> Iterator[dict]:
+        """Submits now (so a duplicate rid raises here), then streams from the returned iterator."""
+        merged: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._submit(norm, merged)
+        return self._stream_chunks(norm, merged, return_text_in_logprobs)
+
+    def _stream_chunks(self, norm: NormalizedGenerate, merged: queue.SimpleQueue[RequestOutput],
+                       return_text_in_logprobs: bool) -> Iterator[dict]:
         """Cumulative chunks, one per step that produced tokens; batch items carry "index"."""
         builders = {r.rid: (i, ResponseBuilder(r, self.tokenizer, return_text_in_logprobs))
                     for i, r in enumerate(norm.requests)}
-        merged: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        with self._lock:
-            for r in norm.requests:
-                if r.rid in self._waiters:
-                    raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
-            for r in norm.requests:
-                self._waiters[r.rid] = merged
-        for r in norm.requests:
-            self._inbox.put(r)
         remaining = len(builders)
         try:
             while remaining:

@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgspec
+
 from runtime.messages import GenerateRequest
 from runtime.sampling_params import SamplingParams
 
@@ -105,7 +107,7 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
             sp.min_new_tokens = min(sp.min_new_tokens, room)
         for j in range(sp.n):
             requests.append(GenerateRequest(
-                rid=rid if sp.n == 1 else f"{rid}_{j}", input_ids=prompt, sampling_params=sp,
+                rid=rid if sp.n == 1 else f"{rid}_{j}", input_ids=prompt, sampling_params=_sibling_params(sp, j),
                 return_logprob=inp.return_logprob, logprob_start_len=inp.logprob_start_len,
                 top_logprobs_num=inp.top_logprobs_num, token_ids_logprob=inp.token_ids_logprob,
                 stream=inp.stream))
@@ -115,6 +117,14 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
             raise ValueError(f"Duplicate request id rid={r.rid!r} in one call.")
         seen.add(r.rid)
     return NormalizedGenerate(is_batch=is_batch or len(requests) > 1, requests=requests)
+
+
+def _sibling_params(sp: SamplingParams, j: int) -> SamplingParams:
+    """Sample j of n: a seeded request gives each sibling its own seed (seed + j), so the n samples
+    differ from each other yet are reproducible as a group."""
+    if sp.n == 1 or sp.sampling_seed is None or j == 0:
+        return sp
+    return msgspec.structs.replace(sp, sampling_seed=(sp.sampling_seed + j) % (1 << 63))
 
 
 def _rids(rid: str | list[str] | None, is_batch: bool, count: int) -> list[str]:

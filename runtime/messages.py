@@ -67,3 +67,51 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
 
 
 SchedulerInput = GenerateRequest | AbortRequest | FlushCacheRequest
+
+
+# --- the HTTP server's engine process (rollout/) ---------------------------------------------------
+# Control messages travel on the same queue as requests, so the engine answers them in order.
+
+
+class AbortRequestsExact(msgspec.Struct, tag=True, kw_only=True):
+    """Abort exactly these rids (not by prefix): what the server sends when a client disconnects."""
+
+    rids: list[str]
+    message: str = "Aborted: the client disconnected."
+
+
+class HealthCheckRequest(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+
+
+class HealthCheckResult(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+
+
+class ServerStateRequest(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+
+
+class ServerStateResult(msgspec.Struct, tag=True, kw_only=True):
+    """Live state of the scheduler: load, KV pool and radix cache (see rollout/engine_process.py)."""
+
+    id: int
+    state: dict
+
+
+class EngineReady(msgspec.Struct, tag=True, kw_only=True):
+    """The engine process's first message: the model is loaded and the scheduler runs."""
+
+    vocab_size: int
+    context_len: int
+    max_total_num_tokens: int
+    max_running_requests: int
+    weight_version: str
+    device: str
+    dtype: str
+
+
+class EngineFailed(msgspec.Struct, tag=True, kw_only=True):
+    """The engine process could not start (sent instead of EngineReady), or hit a fatal error."""
+
+    message: str

@@ -45,6 +45,12 @@ class ModelRunner:
         self.num_layers = len(model.model.layers)
         num_slots = self._kv_slots(attn.num_kv_heads, attn.head_dim)
         num_slots -= num_slots % args.page_size
+        if num_slots < self.context_len:
+            # A request longer than the KV pool could never run (it would wait forever): requests are
+            # bounded by the pool as by the context (SGLang's max_req_len does the same).
+            logger.warning("KV pool of %d tokens is below the context length %d; requests are limited to %d "
+                           "tokens.", num_slots, self.context_len, num_slots)
+            self.context_len = num_slots
         self.kv_pool = KVPool(self.num_layers, num_slots, attn.num_kv_heads, attn.head_dim, self.dtype, self.device)
         self.backend = create_attention_backend(args.attention_backend, self.kv_pool)
         logger.info("Model %s loaded: %d layers, KV pool of %d tokens (%.1f MiB), dtype %s, device %s.",

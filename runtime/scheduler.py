@@ -249,8 +249,14 @@ class Scheduler:
             scheduled += self._admit(budget, [s.req.fill_ids for s in scheduled])
         return scheduled
 
+    def _tokens_to_alloc(self, cur_len: int, n: int) -> int:
+        """Free tokens (whole pages) that `n` more tokens after `cur_len` take; no more may be asked, or a
+        request that fits the pool exactly would wait forever."""
+        ps = self.page_size
+        return (-(-(cur_len + n) // ps) - -(-cur_len // ps)) * ps
+
     def _alloc_extend(self, req: Request, n: int) -> bool:
-        if not self._ensure_free(n + self.page_size):
+        if not self._ensure_free(self._tokens_to_alloc(req.kv_len, n)):
             return False
         last = int(self.req_pool.table[req.req_pool_row, req.kv_len - 1]) if req.kv_len else -1
         slots = self.allocator.alloc_tokens(req.kv_len, last, n)
@@ -279,7 +285,7 @@ class Scheduler:
                 continue
             n = min(len(fill) - prefix, budget)
             self.cache.inc_lock(match.last_node)
-            if not self._ensure_free(n + self.page_size + reserve):
+            if not self._ensure_free(self._tokens_to_alloc(prefix, n) + reserve):
                 self.cache.dec_lock(match.last_node)
                 break
             last = int(match.slots[prefix - 1]) if prefix else -1

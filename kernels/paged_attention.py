@@ -98,16 +98,17 @@ def cascade_decode_attention_torch(
     hkv = k_cache.shape[1]
     g = h // hkv
     qs = q.view(b, hkv, g, d)
-    ks = gather_pages(k_cache, suffix_table).transpose(1, 2)
-    vs = gather_pages(v_cache, suffix_table).transpose(1, 2)
+    # Contiguous [B, Hkv, L, D]: batched matmuls on the strided view are 2-3x slower on CPU.
+    ks = gather_pages(k_cache, suffix_table).transpose(1, 2).contiguous()
+    vs = gather_pages(v_cache, suffix_table).transpose(1, 2).contiguous()
     out, lse = attention_with_lse(qs, ks, vs, suffix_mask, scale)      # [B, Hkv, G, D], [B, Hkv, G]
     if member_rows.numel() == 0:
         return out.reshape(b, h, d)
     n_groups, m = member_index.shape
     qp = qs[member_index]                                              # [NG, M, Hkv, G, D]
     qp = qp.permute(0, 2, 1, 3, 4).reshape(n_groups, hkv, m * g, d)
-    kp = gather_pages(k_cache, prefix_table).transpose(1, 2)
-    vp = gather_pages(v_cache, prefix_table).transpose(1, 2)
+    kp = gather_pages(k_cache, prefix_table).transpose(1, 2).contiguous()
+    vp = gather_pages(v_cache, prefix_table).transpose(1, 2).contiguous()
     op, lp = attention_with_lse(qp, kp, vp, prefix_mask, scale)        # [NG, Hkv, M*G, D]
     op = op.view(n_groups, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(n_groups * m, hkv, g, d)[member_flat]
     lp = lp.view(n_groups, hkv, m, g).permute(0, 2, 1, 3).reshape(n_groups * m, hkv, g)[member_flat]

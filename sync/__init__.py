@@ -1,0 +1,38 @@
+"""Hot weight updates: the building blocks the Engine, scheduler and HTTP routes use.
+
+- `apply_named_tensors` (validate all, then copy in place) and `Transaction` / `apply_in_place_with_backup`
+  (stream with per-tensor backups and rollback) write HF-named tensors into a running model.
+- `update_weights_from_disk`: a local safetensors checkpoint, headers checked first, one file at a time.
+- `init_custom_process_group` / `destroy_process_group`: the trainer's weight-update group (not the default).
+- `WeightSender` (trainer) and `receive_tensors` / `receive_buckets` (server): broadcasts per tensor or
+  in flat buckets (`flatten_bucket`, `unflatten_bucket`, `plan_buckets`, `layout_bucket`).
+- `encode_named_tensors` / `decode_named_tensors`: the safetensors (never pickle) tensor payload.
+- `tensor_checksum`, `model_checksums`, `update_digest`: verification.
+Errors: `WeightUpdateError` (refused, model untouched), `PartialUpdateError` (model inconsistent),
+`GroupJoinError`, `BroadcastError`.
+"""
+
+from sync.bucket import BucketMeta, flatten_bucket, layout_bucket, plan_buckets, unflatten_bucket
+from sync.checksum import digest_of, model_checksums, named_checksums, tensor_checksum, update_digest
+from sync.disk import checkpoint_specs, iterate_checkpoint, update_weights_from_disk, validate_checkpoint
+from sync.errors import (BroadcastError, CheckpointNotFoundError, GroupJoinError, PartialUpdateError,
+                         WeightUpdateError)
+from sync.named_tensors import apply_named_tensors
+from sync.process_group import destroy_process_group, init_custom_process_group, tcp_init_method
+from sync.receiver import receive_buckets, receive_tensors
+from sync.report import UpdateReport
+from sync.safetensors_payload import decode_named_tensors, encode_named_tensors
+from sync.sender import WeightSender
+from sync.specs import TensorSpecs
+from sync.targets import check_specs
+from sync.transaction import Transaction, apply_in_place_with_backup
+
+__all__ = [
+    "BroadcastError", "BucketMeta", "CheckpointNotFoundError", "GroupJoinError", "PartialUpdateError",
+    "TensorSpecs", "Transaction", "UpdateReport", "WeightSender", "WeightUpdateError",
+    "apply_in_place_with_backup", "apply_named_tensors", "check_specs", "checkpoint_specs",
+    "decode_named_tensors", "destroy_process_group", "digest_of", "encode_named_tensors", "flatten_bucket",
+    "init_custom_process_group", "iterate_checkpoint", "layout_bucket", "model_checksums", "named_checksums",
+    "plan_buckets", "receive_buckets", "receive_tensors", "tcp_init_method", "tensor_checksum",
+    "unflatten_bucket", "update_digest", "update_weights_from_disk", "validate_checkpoint",
+]

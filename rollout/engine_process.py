@@ -1,0 +1,257 @@
+"""The engine process: model runner, scheduler and the scheduler loop, fed over ZeroMQ.
+
+`EngineProcess` is the HTTP process's handle on it (spawn, liveness, stop); `run_engine` is what runs
+inside it. The loop is runtime/scheduler_loop.py's, the same one the in-process Engine runs; only where
+messages come from (a PULL socket) and where outputs go (a PUSH socket, one frame per step) differ.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from rollout.ipc import InputCodec, IpcAddresses, OutputCodec, configure
+from runtime.messages import (AbortRequestsExact, EngineFailed, EngineReady, GenerateRequest, HealthCheckRequest,
+                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
+from runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+PARENT_CHECK_S = 1.0  # how often an idle engine checks that the HTTP process still exists
+
+
+class ServingScheduler:
+    """The runtime's Scheduler plus the server's own control messages (exact aborts, health pings,
+    live-state queries). Duck-types the Scheduler for run_scheduler_loop; everything else delegates."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list:
+        return self.scheduler.step()
+
+    def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list:
+        return self.scheduler.abort(rid, abort_all, message=message)
+
+    def handle(self, msg: Any) -> list:
+        if isinstance(msg, HealthCheckRequest):
+            return [HealthCheckResult(id=msg.id)]
+        if isinstance(msg, ServerStateRequest):
+            return [ServerStateResult(id=msg.id, state=self.state())]
+        if isinstance(msg, AbortRequestsExact):
+            return self.abort_exact(msg.rids, msg.message)
+        if isinstance(msg, GenerateRequest):
+            try:
+                return self.scheduler.handle(msg)
+            except ValueError as e:  # the front end checks first; never leave a client waiting
+                return [RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids),
+                                      cached_tokens=0, weight_version=self.scheduler.weight_version,
+                                      finished=True, finish_reason={"type": "abort", "message": str(e)})]
+        return self.scheduler.handle(msg)
+
+    def abort_exact(self, rids: list[str], message: str) -> list[RequestOutput]:
+        s = self.scheduler
+        outputs = []
+        for rid in rids:
+            req = s.requests.get(rid)
+            if req is None:
+                continue
+            # What Scheduler.abort does for each match, for one rid only (abort() matches prefixes).
+            req.finish_reason = {"type": "abort", "message": message}
+            s._finish(req)
+            outputs.append(s._output(req))
+        return outputs
+
+    def state(self) -> dict:
+        s = self.scheduler
+        total = s.allocator.num_pages * s.page_size
+        available = s.allocator.available_tokens()
+        cached = s.cache.total_size()
+        idle_clean, integrity_error = False, None
+        if not s.requests:  # the full check walks the cache: only worth it (and only true) when idle
+            try:
+                idle_clean = s.is_idle_clean()
+            except AssertionError as e:  # the radix cache's own check failed: report it, do not crash
+                integrity_error = str(e) or "radix cache integrity check failed"
+        return {
+            "num_running_reqs": len(s.running),
+            "num_waiting_reqs": len(s.waiting),
+            "num_engine_reqs": len(s.requests),
+            "max_total_num_tokens": total,
+            "kv_available_tokens": available,
+            "kv_used_tokens": total - available,
+            "cache_tokens": cached,
+            "cache_evictable_tokens": s.cache.evictable_size(),
+            "cache_protected_tokens": s.cache.protected_size(),
+            "token_usage": round((total - available - s.cache.evictable_size()) / max(total, 1), 6),
+            "req_pool_available": s.req_pool.available(),
+            "req_pool_size": s.req_pool.num_rows,
+            "idle_clean": idle_clean,
+            "integrity_error": integrity_error,
+            "num_retractions": s.num_retractions,
+            "forward_steps": s.forward_steps,
+            "weight_version": s.weight_version,
+            "engine_pid": os.getpid(),
+        }
+
+
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to signal us if the HTTP process dies, even by SIGKILL (no orphan engine)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, PARENT_DEATH_SIGNAL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> None:
+    """Entry point of the engine process (multiprocessing 'spawn')."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the HTTP process stops us
+    stop, orphaned = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_parent_death(*_: Any) -> None:
+        orphaned.set()
+        stop.set()
+
+    signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # it died before we asked to be told
+        on_parent_death()
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s engine %(levelname)s %(name)s: %(message)s")
+
+    ctx = zmq.Context()
+    pull = configure(ctx.socket(zmq.PULL))
+    pull.connect(addresses.to_engine)
+    push = configure(ctx.socket(zmq.PUSH))
+    push.connect(addresses.from_engine)
+    in_codec, out_codec = InputCodec(), OutputCodec()
+    try:
+        scheduler = _build_scheduler(args)
+    except Exception as e:
+        logger.exception("The engine failed to start")
+        push.send(out_codec.encode([EngineFailed(message=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")]))
+        time.sleep(0.2)  # let the frame leave before the socket closes
+        push.close(linger=1000)
+        sys.exit(1)
+    runner = scheduler.runner
+    push.send(out_codec.encode([EngineReady(
+        vocab_size=runner.vocab_size, context_len=runner.context_len,
+        max_total_num_tokens=scheduler.allocator.num_pages * scheduler.page_size,
+        max_running_requests=args.max_running_requests, weight_version=scheduler.weight_version,
+        device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""))]))
+
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    last_parent_check = time.monotonic()
+
+    def receive(block: bool) -> list:
+        nonlocal last_parent_check
+        messages: list = []
+        if block:
+            if not poller.poll(50):
+                now = time.monotonic()
+                if now - last_parent_check > PARENT_CHECK_S:
+                    last_parent_check = now
+                    if os.getppid() != parent_pid:
+                        on_parent_death()
+                return messages
+        while True:
+            try:
+                frame = pull.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return messages
+            try:
+                messages += in_codec.decode(frame)
+            except Exception:  # a frame we cannot read is our own bug; log it, keep serving
+                logger.exception("Dropped an undecodable frame of %d bytes", len(frame))
+
+    def send(outputs: list) -> None:
+        push.send(out_codec.encode(outputs), copy=False)
+
+    from runtime.scheduler_loop import run_scheduler_loop
+    try:
+        run_scheduler_loop(ServingScheduler(scheduler), receive, send, stop)
+    finally:
+        pull.close()
+        push.close()
+        ctx.term()
+        if orphaned.is_set():  # the HTTP process was killed: nobody else removes the socket files
+            logger.error("The HTTP process is gone; the engine exits.")
+            addresses.cleanup()
+    logger.info("Engine process stopped.")
+
+
+def _build_scheduler(args: ServerArgs):
+    from transformers import AutoTokenizer
+
+    from runtime.model_runner import ModelRunner
+    from runtime.scheduler import Scheduler
+    from runtime.stop_checker import StopChecker
+    from runtime.tokenizer_info import eos_token_ids
+
+    runner = ModelRunner(args, progress=False)
+    tokenizer = None
+    if not args.skip_tokenizer_init:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+    return Scheduler(runner, eos_token_ids(args.model_path, runner.hf_config, tokenizer),
+                     StopChecker(tokenizer) if tokenizer is not None else None)
+
+
+class EngineProcess:
+    """The HTTP process's handle on the engine process."""
+
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.addresses = IpcAddresses.create()
+        self.process: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.process = ctx.Process(target=run_engine, args=(self.args, self.addresses, os.getpid()),
+                                   name="rollout-engine", daemon=True)
+        self.process.start()
+        logger.info("Engine process started (pid %d).", self.process.pid)
+
+    @property
+    def sentinel(self) -> int:
+        assert self.process is not None
+        return self.process.sentinel
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def exitcode(self) -> int | None:
+        return None if self.process is None else self.process.exitcode
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait, then SIGKILL: the engine never outlives the server."""
+        p = self.process
+        if p is not None and p.pid is not None:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout)
+            if p.is_alive():
+                logger.warning("Engine process did not stop in %.0f s; killing it.", timeout)
+                p.kill()
+                p.join(5)
+        self.addresses.cleanup()

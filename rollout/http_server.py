@@ -1,0 +1,270 @@
+"""The routes of API.md (generation, info, health, tokens, cache, abort) on FastAPI.
+
+Bodies are parsed by rollout/schemas.py, never by FastAPI's validation, so a bad body is a 400
+`{"error": {"message": ...}}` and never a 422. A dead or silent engine is a 503 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response, StreamingResponse
+
+from rollout.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
+                             parse_timeout, parse_tokenize)
+from rollout.tokenizer_manager import ClientDisconnected, EngineUnavailable, GenerateCall, TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+FLUSH_OK_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+                 "requests, the operation will not be performed.)\n")
+HEALTH_TIMEOUT_S = 20.0
+INFO_TIMEOUT_S = 30.0
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(obj: Any, status_code: int = 200) -> Response:
+    return Response(_encoder.encode(obj), status_code=status_code, media_type="application/json")
+
+
+def error_response(message: str, status_code: int) -> Response:
+    return json_response({"error": {"message": message}}, status_code)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("rl-rollout")
+    except Exception:
+        return "unknown"
+
+
+async def _watch_disconnect(request: Request, tm: TokenizerManager, call: GenerateCall) -> None:
+    """Abort the call in the engine as soon as its client disconnects (the body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            break
+    if not call.finished:
+        logger.debug("Client of %s disconnected; aborting.", call.rids[:3])
+        tm.disconnect(call)
+
+
+class ApiKeyMiddleware:
+    """Bearer token on every route but /health (pure ASGI: no per-request overhead beyond a compare)."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        got = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                got = value
+                break
+        if hmac.compare_digest(got, self.expected):
+            return await self.app(scope, receive, send)
+        response = error_response("Unauthorized: send the server's API key as 'Authorization: Bearer <key>'.", 401)
+        await response(scope, receive, send)
+
+
+def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            await tm.start(engine)
+        try:
+            yield
+        finally:
+            await tm.close()
+
+    app = FastAPI(title="rl-rollout", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.tm = tm
+
+    # --- errors ---------------------------------------------------------------------------------
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(request: Request, exc: BadRequest) -> Response:
+        return error_response(str(exc), 400)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(request: Request, exc: EngineUnavailable) -> Response:
+        return error_response(str(exc), 503)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(f"Invalid request: {exc.errors()}", 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        logger.exception("Internal error on %s", request.url.path)
+        return error_response(f"Internal server error: {type(exc).__name__}: {exc}", 500)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    async def generate(request: Request) -> Response:
+        start = time.monotonic()
+        tm.check_available()
+        body = parse_json_body(await request.body())
+        inp = parse_generate(body, tm.info.vocab_size)
+        try:
+            norm = tm.normalize(inp)
+        except ValueError as e:  # runtime/generate_input.py's checks, with API.md's messages
+            raise BadRequest(str(e)) from None
+        if tm.tokenizer is None:
+            for r in norm.requests:
+                if r.sampling_params.stop:
+                    raise BadRequest(f"sampling_params.stop={r.sampling_params.stop!r} needs the tokenizer, but the "
+                                     "server runs with --skip-tokenizer-init; use stop_token_ids.")
+        try:
+            call = tm.submit(norm, inp.return_text_in_logprobs, inp.stream, start)
+        except ValueError as e:  # an rid already in flight
+            raise BadRequest(str(e)) from None
+        if inp.stream:
+            return StreamingResponse(_sse(request, call), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.ensure_future(_watch_disconnect(request, tm, call))
+        try:
+            results = await tm.wait(call)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            watcher.cancel()
+            if not call.finished:
+                tm.abandon(call)
+        return json_response(results if call.is_batch else results[0])
+
+    async def _sse(request: Request, call: GenerateCall) -> AsyncIterator[bytes]:
+        # Starlette also cancels this generator when the client leaves (ASGI spec < 2.4); the watcher
+        # makes the abort independent of that.
+        watcher = asyncio.ensure_future(_watch_disconnect(request, tm, call))
+        try:
+            async for chunk in tm.stream(call):
+                yield b"data: " + _encoder.encode(chunk) + b"\n\n"
+        except EngineUnavailable as e:
+            yield b"data: " + _encoder.encode({"error": {"message": str(e)}}) + b"\n\n"
+        except ClientDisconnected:
+            return
+        finally:
+            watcher.cancel()
+            if not call.finished:  # the client went away (the response task was cancelled)
+                tm.abandon(call)
+        yield b"data: [DONE]\n\n"
+
+    app.add_api_route("/generate", generate, methods=["POST", "PUT"])
+
+    # --- info -----------------------------------------------------------------------------------
+
+    async def model_info(request: Request) -> Response:
+        tm.check_available()
+        return json_response(tm.model_info())
+
+    async def server_info(request: Request) -> Response:
+        tm.check_available()
+        state = await tm.server_state(INFO_TIMEOUT_S)
+        args = tm.args.to_dict()
+        if args.get("api_key"):
+            args["api_key"] = "<hidden>"
+        info = dict(args)
+        info.update({
+            "max_total_num_tokens": tm.info.max_total_num_tokens,
+            "max_req_input_len": tm.info.context_len - 1,
+            "context_length": tm.info.context_len,
+            "vocab_size": tm.info.vocab_size,
+            "weight_version": tm.weight_version,
+            "version": _version(),
+            "internal_states": [state],
+        })
+        return json_response(info)
+
+    for path in ("/get_model_info", "/model_info"):
+        app.add_api_route(path, model_info, methods=["GET"])
+    for path in ("/get_server_info", "/server_info"):
+        app.add_api_route(path, server_info, methods=["GET"])
+
+    # --- health ---------------------------------------------------------------------------------
+
+    async def health(request: Request) -> Response:
+        await tm.health(HEALTH_TIMEOUT_S)
+        return Response(status_code=200)
+
+    async def health_generate(request: Request) -> Response:
+        await tm.health_generate(HEALTH_TIMEOUT_S)
+        return Response(status_code=200)
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health_generate", health_generate, methods=["GET"])
+
+    # --- cache and abort ------------------------------------------------------------------------
+
+    async def flush_cache(request: Request) -> Response:
+        body = parse_json_body(await request.body(), allow_empty=True)
+        timeout = parse_timeout(request.query_params.get("timeout", body.get("timeout")))
+        result = await tm.flush_cache(timeout)
+        if result.success:
+            return Response(FLUSH_OK_TEXT, status_code=200, media_type="text/plain")
+        return error_response(result.message or "Cache not flushed: there are running or waiting requests.", 400)
+
+    async def abort_request(request: Request) -> Response:
+        rid, abort_all = parse_abort(parse_json_body(await request.body(), allow_empty=True))
+        if rid or abort_all:
+            tm.abort(rid, abort_all)
+        else:
+            tm.check_available()
+        return Response(status_code=200)
+
+    app.add_api_route("/flush_cache", flush_cache, methods=["GET", "POST"])
+    app.add_api_route("/abort_request", abort_request, methods=["POST"])
+
+    # --- tokens ---------------------------------------------------------------------------------
+
+    def _tokenizer() -> Any:
+        tm.check_available()
+        if tm.tokenizer is None:
+            raise BadRequest("This route needs the tokenizer, but the server runs with --skip-tokenizer-init.")
+        return tm.tokenizer
+
+    async def tokenize(request: Request) -> Response:
+        tokenizer = _tokenizer()
+        prompt, add_special = parse_tokenize(parse_json_body(await request.body()))
+        if isinstance(prompt, list):
+            tokens: Any = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompt]
+            count: Any = [len(t) for t in tokens]
+        else:
+            tokens = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+            count = len(tokens)
+        return json_response({"tokens": tokens, "count": count, "max_model_len": tm.info.context_len})
+
+    async def detokenize(request: Request) -> Response:
+        tokenizer = _tokenizer()
+        tokens, skip = parse_detokenize(parse_json_body(await request.body()), tm.info.vocab_size)
+        if tokens and isinstance(tokens[0], list):
+            text: Any = [tokenizer.decode(t, skip_special_tokens=skip) for t in tokens]
+        else:
+            text = tokenizer.decode(tokens, skip_special_tokens=skip)
+        return json_response({"text": text})
+
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+
+    if tm.args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=tm.args.api_key)
+    return app

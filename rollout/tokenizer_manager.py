@@ -1,0 +1,369 @@
+"""The HTTP process's front end: tokenizer, in-flight requests, and the two sockets to the engine.
+
+One `GenerateCall` per /generate call holds a ResponseBuilder per sample (prompt-major) and one asyncio
+event; the receive loop applies each RequestOutput delta to its builder and wakes the call (at every
+step for a stream, once every sample is finished otherwise). Control messages share the request queue,
+so the engine answers them in order; their results come back by id (or in order, for flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from rollout.engine_process import EngineProcess
+from rollout.ipc import InputCodec, OutputCodec, configure
+from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
+from runtime.messages import (AbortRequest, AbortRequestsExact, EngineFailed, EngineReady, FlushCacheRequest,
+                              FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
+                              RequestOutput, ServerStateRequest, ServerStateResult)
+from runtime.response import ResponseBuilder
+from runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineUnavailable(Exception):
+    """The engine is not ready, has died, or did not answer in time: HTTP 503."""
+
+
+class ClientDisconnected(Exception):
+    """The client of a call went away; its samples were aborted in the engine."""
+
+
+@dataclass(eq=False)
+class GenerateCall:
+    """One /generate call: its samples in answer order and what the client has not seen yet."""
+
+    builders: list[ResponseBuilder]
+    is_batch: bool
+    stream: bool
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    remaining: int = 0
+    dirty: list[int] = field(default_factory=list)   # indices updated since the last chunk (stream)
+    error: str | None = None                         # set when the engine died under the call
+    disconnected: bool = False                       # set when the client went away
+
+    @property
+    def rids(self) -> list[str]:
+        return [b.req.rid for b in self.builders]
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining == 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    call: GenerateCall
+    index: int
+    abandoned: bool = False   # the client left; the slot stays until the engine confirms the abort
+
+
+class TokenizerManager:
+    def __init__(self, args: Any):
+        self.args = args
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        if not args.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        self.hf_config = AutoConfig.from_pretrained(args.model_path)
+        self.weight_version = args.weight_version
+        self.info: EngineReady | None = None
+        self.ready: asyncio.Event | None = None          # created in start(), inside the event loop
+        self.dead_reason: str | None = None
+        self.on_fatal = lambda: None                     # the launcher stops uvicorn
+        self.engine: EngineProcess | None = None
+        self._slots: dict[str, _Slot] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._flush_waiters: deque[asyncio.Future] = deque()
+        self._in_codec, self._out_codec = InputCodec(), OutputCodec()
+        self._ctx: zmq.asyncio.Context | None = None
+        self._push: zmq.Socket | None = None
+        self._pull: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.started_at = time.time()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, engine: EngineProcess) -> None:
+        """Bind the sockets, watch the engine process, and wait (in the background) for it to be ready."""
+        self.engine = engine
+        self.ready = asyncio.Event()
+        self._ctx = zmq.asyncio.Context()
+        # Sends never block (no high-water mark), so a plain socket works from the event loop and
+        # costs no await; receives go through the asyncio socket.
+        self._push = configure(zmq.Context.instance().socket(zmq.PUSH))
+        self._push.bind(engine.addresses.to_engine)
+        self._pull = configure(self._ctx.socket(zmq.PULL))
+        self._pull.bind(engine.addresses.from_engine)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(engine.sentinel, self._on_engine_exit)
+        self._tasks.append(asyncio.create_task(self._receive_loop(), name="engine-receive"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.engine is not None and self.engine.process is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.engine.sentinel)
+            except (ValueError, OSError):
+                pass
+        for sock in (self._push, self._pull):
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _on_engine_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.engine.sentinel)
+        code = self.engine.exitcode()
+        self._fail(f"The engine process exited (exit code {code}).")
+
+    def _fail(self, reason: str) -> None:
+        """The engine is gone: every waiting call ends with the reason, every later route answers 503."""
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        if self.info is None:
+            logger.error("%s The server exits: the engine never became ready.", reason)
+        else:
+            logger.error("%s The server answers 503 from now on.", reason)
+        for slot in list(self._slots.values()):
+            slot.call.error = reason
+            slot.call.event.set()
+        self._slots.clear()
+        for fut in list(self._pending.values()) + list(self._flush_waiters):
+            if not fut.done():
+                fut.set_exception(EngineUnavailable(reason))
+        self._pending.clear()
+        self._flush_waiters.clear()
+        if self.info is None:  # it died while starting: nothing will ever be served
+            self.on_fatal()
+
+    def check_available(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineUnavailable(self.dead_reason)
+        if self.info is None:
+            raise EngineUnavailable("The server is starting: the model is still loading.")
+
+    # --- engine -> front end --------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frame = await self._pull.recv(copy=True)
+            try:
+                outputs = self._out_codec.decode(frame)
+            except Exception:
+                logger.exception("Dropped an undecodable frame from the engine")
+                continue
+            for out in outputs:
+                try:
+                    self._dispatch(out)
+                except Exception:  # our bug: log, keep the loop (and every other request) alive
+                    logger.exception("Failed to handle %s from the engine", type(out).__name__)
+
+    def _dispatch(self, out: Any) -> None:
+        if isinstance(out, RequestOutput):
+            slot = self._slots.get(out.rid)
+            if slot is None:
+                return
+            call = slot.call
+            if not slot.abandoned:
+                call.builders[slot.index].add(out)
+            if out.finished:
+                del self._slots[out.rid]
+                call.remaining -= 1
+                if out.weight_version:
+                    self.weight_version = out.weight_version
+            if call.stream:
+                call.dirty.append(slot.index)
+                call.event.set()
+            elif call.remaining == 0:
+                call.event.set()
+        elif isinstance(out, (HealthCheckResult, ServerStateResult)):
+            fut = self._pending.pop(out.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(out)
+        elif isinstance(out, FlushCacheResult):
+            # One result per FlushCacheRequest, in order: the oldest waiter's, even if it gave up.
+            if self._flush_waiters:
+                fut = self._flush_waiters.popleft()
+                if not fut.done():
+                    fut.set_result(out)
+        elif isinstance(out, EngineReady):
+            self.info = out
+            self.weight_version = out.weight_version
+            self.ready.set()
+            logger.info("Engine ready: %s, vocab %d, context %d, KV pool %d tokens.", out.device,
+                        out.vocab_size, out.context_len, out.max_total_num_tokens)
+        elif isinstance(out, EngineFailed):
+            self._fail(f"The engine failed: {out.message}")
+
+    # --- front end -> engine --------------------------------------------------------------------
+
+    def _send(self, messages: list) -> None:
+        self._push.send(self._in_codec.encode(messages), copy=False)
+
+    async def _control(self, message_cls: type, timeout: float) -> Any:
+        self.check_available()
+        msg_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        self._send([message_cls(id=msg_id)])
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(f"The engine did not answer within {timeout:g} s.") from None
+        finally:
+            self._pending.pop(msg_id, None)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def normalize(self, inp: GenerateInput) -> NormalizedGenerate:
+        self.check_available()
+        tokenize = None
+        if self.tokenizer is not None:
+            tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731
+        return normalize_generate(inp, tokenize, self.info.vocab_size, self.info.context_len)
+
+    def submit(self, norm: NormalizedGenerate, return_text_in_logprobs: bool, stream: bool,
+               start_time: float) -> GenerateCall:
+        """Register the call's samples and send them; ValueError for an rid already in flight."""
+        self.check_available()
+        for r in norm.requests:
+            if r.rid in self._slots:
+                raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
+        builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs, start_time) for r in norm.requests]
+        call = GenerateCall(builders=builders, is_batch=norm.is_batch, stream=stream, remaining=len(builders))
+        for i, r in enumerate(norm.requests):
+            self._slots[r.rid] = _Slot(call, i)
+        self._send(list(norm.requests))
+        return call
+
+    def abandon(self, call: GenerateCall) -> None:
+        """The client left: abort the call's unfinished samples in the engine (frees their KV)."""
+        rids = [rid for rid in call.rids if (slot := self._slots.get(rid)) is not None and slot.call is call]
+        if not rids:
+            return
+        for rid in rids:
+            self._slots[rid].abandoned = True
+        if self.dead_reason is None:
+            self._send([AbortRequestsExact(rids=rids)])
+
+    def disconnect(self, call: GenerateCall) -> None:
+        """The client of a call disconnected: abort it and wake whoever waits on it."""
+        if call.finished:
+            return
+        self.abandon(call)
+        call.disconnected = True
+        call.event.set()
+
+    async def wait(self, call: GenerateCall) -> list[dict]:
+        """Every sample's final answer, in order (non-streaming)."""
+        while not call.finished:
+            await call.event.wait()
+            call.event.clear()
+            if call.error is not None:
+                raise EngineUnavailable(call.error)
+            if call.disconnected:
+                raise ClientDisconnected()
+        return [b.to_dict() for b in call.builders]
+
+    async def stream(self, call: GenerateCall) -> AsyncIterator[dict]:
+        """Cumulative chunks: one per sample that changed since the last chunk, as the engine steps.
+
+        Several steps' outputs that arrive before the client reads are coalesced into one chunk."""
+        while True:
+            await call.event.wait()
+            call.event.clear()
+            if call.error is not None:
+                raise EngineUnavailable(call.error)
+            if call.disconnected:
+                raise ClientDisconnected()
+            dirty, call.dirty = call.dirty, []
+            seen: set[int] = set()
+            for i in dirty:
+                if i in seen:
+                    continue
+                seen.add(i)
+                chunk = call.builders[i].to_dict()
+                if call.is_batch:
+                    chunk["index"] = i
+                yield chunk
+            if call.finished and not call.dirty:
+                return
+
+    def abort(self, rid: str, abort_all: bool, message: str | None = None) -> None:
+        self.check_available()
+        if message is None:
+            self._send([AbortRequest(rid=rid, abort_all=abort_all)])
+        else:  # AbortRequest carries no message: name the rids exactly
+            rids = list(self._slots) if abort_all else [r for r in self._slots if r.startswith(rid)]
+            self._send([AbortRequestsExact(rids=rids, message=message)])
+
+    # --- control --------------------------------------------------------------------------------
+
+    async def flush_cache(self, timeout: float) -> FlushCacheResult:
+        """Flush when the engine is idle; with a timeout, retry until it is or the time is up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_available()
+            fut = asyncio.get_running_loop().create_future()
+            self._flush_waiters.append(fut)
+            self._send([FlushCacheRequest()])
+            try:
+                result = await asyncio.wait_for(fut, max(timeout, 0) + 30.0)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable("The engine did not answer the flush request.") from None
+            if result.success or time.monotonic() >= deadline:
+                return result
+            await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+
+    async def health(self, timeout: float) -> None:
+        await self._control(HealthCheckRequest, timeout)
+
+    async def server_state(self, timeout: float) -> dict:
+        result = await self._control(ServerStateRequest, timeout)
+        state = dict(result.state)
+        state["num_frontend_reqs"] = len(self._slots)
+        return state
+
+    async def health_generate(self, timeout: float) -> None:
+        """Generate one token through the whole path."""
+        self.check_available()
+        rid = f"HEALTH_CHECK_{next(self._ids)}_{time.monotonic_ns()}"
+        req = GenerateRequest(rid=rid, input_ids=[0], sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
+        norm = NormalizedGenerate(is_batch=False, requests=[req])
+        call = self.submit(norm, False, False, time.monotonic())
+        try:
+            await asyncio.wait_for(self.wait(call), timeout)
+        except asyncio.TimeoutError:
+            self.abandon(call)
+            raise EngineUnavailable(f"The engine did not generate a token within {timeout:g} s.") from None
+
+    # --- info -----------------------------------------------------------------------------------
+
+    def model_info(self) -> dict:
+        return {
+            "model_path": self.args.model_path,
+            "tokenizer_path": self.args.tokenizer_path or self.args.model_path,
+            "is_generation": not self.args.is_embedding,
+            "preferred_sampling_params": None,
+            "weight_version": self.weight_version,
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": getattr(self.hf_config, "model_type", None),
+            "architectures": list(getattr(self.hf_config, "architectures", None) or []) or None,
+        }
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._slots)

@@ -1,0 +1,69 @@
+"""One broadcast on a weight-update group, with failures turned into a BroadcastError that says where.
+
+gloo notices a peer that dies between messages at once (its socket closes), but one that dies in the
+middle of a message leaves the receiver waiting for the rest until the group timeout (measured: torch
+2.13, a trainer SIGKILLed during an 800 MB broadcast). So a receiver also watches the group's store,
+which the trainer (rank 0) hosts in its own process: when the trainer dies, the store connection resets
+and the wait ends within about `STORE_CHECK_EVERY` seconds. A peer that is alive but silent still fails
+at the group timeout. The caller should then destroy the group (sync.process_group).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from sync.errors import BroadcastError
+
+STORE_CHECK_EVERY = 0.5  # seconds between liveness checks of the trainer's store while waiting
+_MAX_POLL = 0.005        # longest sleep between completion checks: the latency added to a long message
+
+
+def broadcast(tensor: torch.Tensor, group: dist.ProcessGroup, src: int, what: str, *,
+              watch_store: bool = False) -> None:
+    """Broadcast in place from group rank `src`; a dead or silent peer raises within the group timeout."""
+    try:
+        # group_src: `src` is the rank in this group, whatever the process's own default group says.
+        work = dist.broadcast(tensor, group=group, group_src=src, async_op=True)
+        if watch_store:
+            _wait_watching_store(work, group, what)
+        work.wait()
+    except BroadcastError:
+        raise
+    except Exception as e:
+        raise BroadcastError(f"Broadcast of {what} on group {group.group_name!r} failed: {e}") from e
+
+
+def _wait_watching_store(work: dist.Work, group: dist.ProcessGroup, what: str) -> None:
+    store = c10d._world.pg_map[group][1]  # the group's (prefixed) store, as torch registered it
+    sleep, next_check = 5e-5, time.monotonic() + STORE_CHECK_EVERY
+    while not work.is_completed():
+        time.sleep(sleep)
+        sleep = min(sleep * 2, _MAX_POLL)  # short ops finish after a few tiny sleeps
+        if time.monotonic() >= next_check:
+            try:
+                store.check(["liveness"])  # a round trip to the trainer's store daemon
+            except Exception as e:
+                _abandon(work, group)
+                raise BroadcastError(f"Broadcast of {what} on group {group.group_name!r} failed: the trainer "
+                                     f"hosting the group's store is gone ({e}).") from e
+            next_check = time.monotonic() + STORE_CHECK_EVERY
+
+
+def _abandon(work: dist.Work, group: dist.ProcessGroup) -> None:
+    """Keep an abandoned receive and its group alive, off the caller's thread, until gloo gives up on it.
+
+    The receive ends only at the group timeout, and until then the group's destructor blocks (joining
+    gloo's worker thread). Holding both references in a daemon thread's frame means dropping the group
+    (after destroy_process_group) never blocks the caller, and interpreter exit does not wait either
+    (daemon frames are not torn down).
+    """
+    def hold(work: dist.Work = work, group: dist.ProcessGroup = group) -> None:
+        while not work.is_completed():
+            time.sleep(1.0)
+
+    threading.Thread(target=hold, name=f"abandoned-broadcast-{group.group_name}", daemon=True).start()

@@ -1,0 +1,58 @@
+"""Apply (HF name, tensor) pairs to the running model in place, all or nothing.
+
+Copies go through `target.copy_()` into the existing parameters (views into fused ones), never by
+rebinding, so parameter memory, data pointers and any captured CUDA graph stay valid. Everything is
+resolved and checked before the first copy: a bad name, shape or dtype raises `WeightUpdateError` and the
+model is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+
+from sync.checksum import tensor_checksum, update_digest
+from sync.errors import WeightUpdateError
+from sync.report import UpdateReport
+from sync.targets import resolve_target
+from sync.transaction import apply_in_place_with_backup
+
+
+def apply_named_tensors(model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]], *,
+                        validate_all_first: bool = True, digest: bool = True) -> UpdateReport:
+    """Validate every tensor, then copy them in place; returns what was applied.
+
+    validate_all_first=False streams instead (see sync.transaction): each tensor is copied as it comes,
+    with a backup of its target, and any failure rolls back; use it when the stream is too big to hold.
+    digest=False skips the per-tensor checksums (about 0.2 s per 540 MB on the CPU).
+    """
+    if not validate_all_first:
+        return apply_in_place_with_backup(model, named, digest=digest)
+    start = time.perf_counter()
+    plan: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightUpdateError(f"Weight {name} is a {type(tensor).__name__}, not a tensor.")
+        if name in seen:
+            raise WeightUpdateError(f"Weight {name} appears twice in one update.")
+        seen.add(name)
+        target = resolve_target(model, name, tensor.shape, tensor.dtype)
+        if target is None:
+            skipped.append(name)
+        else:
+            plan.append((name, target, tensor))
+
+    # Past validation only a device failure can stop a copy_, so no backup is kept on this path.
+    checksums: list[tuple[str, int]] = []
+    with torch.no_grad():
+        for name, target, tensor in plan:
+            target.copy_(tensor)
+            if digest:
+                checksums.append((name, tensor_checksum(target)))
+    return UpdateReport(names=[n for n, _, _ in plan], skipped=skipped,
+                        num_bytes=sum(t.nbytes for _, t, _ in plan), seconds=time.perf_counter() - start,
+                        digest=update_digest(checksums) if digest else None)

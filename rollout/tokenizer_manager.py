@@ -266,15 +266,19 @@ class TokenizerManager:
         call.disconnected = True
         call.event.set()
 
+    async def _next_event(self, call: GenerateCall) -> None:
+        """Wait until the engine sent something for the call; raise if it died or the client left."""
+        await call.event.wait()
+        call.event.clear()
+        if call.error is not None:
+            raise EngineUnavailable(call.error)
+        if call.disconnected:
+            raise ClientDisconnected()
+
     async def wait(self, call: GenerateCall) -> list[dict]:
         """Every sample's final answer, in order (non-streaming)."""
         while not call.finished:
-            await call.event.wait()
-            call.event.clear()
-            if call.error is not None:
-                raise EngineUnavailable(call.error)
-            if call.disconnected:
-                raise ClientDisconnected()
+            await self._next_event(call)
         return [b.to_dict() for b in call.builders]
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[dict]:
@@ -282,12 +286,7 @@ class TokenizerManager:
 
         Several steps' outputs that arrive before the client reads are coalesced into one chunk."""
         while True:
-            await call.event.wait()
-            call.event.clear()
-            if call.error is not None:
-                raise EngineUnavailable(call.error)
-            if call.disconnected:
-                raise ClientDisconnected()
+            await self._next_event(call)
             dirty, call.dirty = call.dirty, []
             seen: set[int] = set()
             for i in dirty:

@@ -59,10 +59,28 @@ def attention_mask(prefix_lens: torch.Tensor, extend_lens: torch.Tensor, max_q: 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [N, Hkv, R, D] (R query rows per kv head), k/v: [N, Hkv, L, D], key_mask: [N, L] or None.
+    """q: [N, Hkv, R, D] (R query rows per kv head), k/v: [N, Hkv, L, D] (any strides), key_mask: [N, L]
+    or None.
 
     Returns the attention output [N, Hkv, R, D] and the log-sum-exp of the scores [N, Hkv, R], so two
-    attentions over disjoint key sets can be merged exactly (merge_attention)."""
+    attentions over disjoint key sets can be merged exactly (merge_attention). On CPU this is torch's
+    fused flash kernel, which returns the log-sum-exp it computes anyway and reads strided K/V: about
+    3x faster than the unfused reference below, with no copy of the gathered keys."""
+    if q.device.type != "cpu":
+        return attention_with_lse_reference(q, k, v, key_mask, scale)
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~key_mask, float("-inf"))
+        bias = bias[:, None, None, :]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    return out, lse
+
+
+def attention_with_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 key_mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused attention_with_lse: the definition the fused kernel is tested against."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if key_mask is not None:
         scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
@@ -98,17 +116,16 @@ def cascade_decode_attention_torch(
     hkv = k_cache.shape[1]
     g = h // hkv
     qs = q.view(b, hkv, g, d)
-    # Contiguous [B, Hkv, L, D]: batched matmuls on the strided view are 2-3x slower on CPU.
-    ks = gather_pages(k_cache, suffix_table).transpose(1, 2).contiguous()
-    vs = gather_pages(v_cache, suffix_table).transpose(1, 2).contiguous()
+    ks = gather_pages(k_cache, suffix_table).transpose(1, 2)             # [B, Hkv, Ls, D], strided
+    vs = gather_pages(v_cache, suffix_table).transpose(1, 2)
     out, lse = attention_with_lse(qs, ks, vs, suffix_mask, scale)      # [B, Hkv, G, D], [B, Hkv, G]
     if member_rows.numel() == 0:
         return out.reshape(b, h, d)
     n_groups, m = member_index.shape
     qp = qs[member_index]                                              # [NG, M, Hkv, G, D]
     qp = qp.permute(0, 2, 1, 3, 4).reshape(n_groups, hkv, m * g, d)
-    kp = gather_pages(k_cache, prefix_table).transpose(1, 2).contiguous()
-    vp = gather_pages(v_cache, prefix_table).transpose(1, 2).contiguous()
+    kp = gather_pages(k_cache, prefix_table).transpose(1, 2)
+    vp = gather_pages(v_cache, prefix_table).transpose(1, 2)
     op, lp = attention_with_lse(qp, kp, vp, prefix_mask, scale)        # [NG, Hkv, M*G, D]
     op = op.view(n_groups, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(n_groups * m, hkv, g, d)[member_flat]
     lp = lp.view(n_groups, hkv, m, g).permute(0, 2, 1, 3).reshape(n_groups * m, hkv, g)[member_flat]

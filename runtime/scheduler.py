@@ -422,7 +422,9 @@ class Scheduler:
         if not todo:
             return
         reqs = [scheduled[i].req for i, _ in todo]
-        rows = logits[torch.tensor([r for _, r in todo])]
+        row_ids = [r for _, r in todo]
+        # Usually every logits row samples, in order: skip the [R, vocab] gather then.
+        rows = logits if row_ids == list(range(logits.shape[0])) else logits[torch.tensor(row_ids)]
         out = self.sampler.sample(rows, reqs, [r.return_logprob for r in reqs], [r.top_logprobs_num for r in reqs],
                                   [r.token_ids_logprob for r in reqs])
         for j, req in enumerate(reqs):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from kernels.paged_attention import attention_with_lse, merge_attention
+from kernels.paged_attention import attention_with_lse, attention_with_lse_reference, merge_attention
 from runtime.attention.torch_backend import TorchAttentionBackend
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
@@ -27,6 +27,22 @@ def test_merge_attention_is_exact():
     o1, l1 = attention_with_lse(q, k[:, :, :4], v[:, :, :4], None, 0.3)
     o2, l2 = attention_with_lse(q, k[:, :, 4:], v[:, :, 4:], None, 0.3)
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), full, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_attention_with_lse_matches_reference_on_strided_masked_keys():
+    """The CPU flash kernel reads keys gathered as [N, L, Hkv, D] and viewed [N, Hkv, L, D], with a
+    different padding mask per row; output and log-sum-exp equal the unfused definition."""
+    torch.manual_seed(0)
+    n, hkv, r, d, length = 5, 3, 4, 16, 37
+    q = torch.randn(n, hkv, r, d)
+    k = torch.randn(n, length, hkv, d).transpose(1, 2)
+    v = torch.randn(n, length, hkv, d).transpose(1, 2)
+    key_mask = torch.arange(length)[None, :] < torch.tensor([1, 5, 16, 30, 37])[:, None]
+    for mask in (key_mask, None):
+        out, lse = attention_with_lse(q, k, v, mask, 0.25)
+        ref_out, ref_lse = attention_with_lse_reference(q, k, v, mask, 0.25)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_with_shared_prefixes_matches_naive():

@@ -42,6 +42,10 @@ class ServerArgs:
             raise ValueError(f"chunked_prefill_size must be at least 1, got {self.chunked_prefill_size}.")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be at least 1, got {self.max_running_requests}.")
+        if self.deterministic:
+            # CPU GEMMs round differently for different batch sizes, so a batch-invariant mode needs
+            # its own kernels; refusing is better than a flag that silently promises what it lacks.
+            raise ValueError("deterministic (batch-invariant mode) is not implemented yet.")
 
     @property
     def torch_dtype(self) -> torch.dtype:

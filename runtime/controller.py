@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+WATCH_EVERY_S = 0.5  # while an update is in parts, how often generation checks that its trainer lives
 MEMORY_TAGS = ("kv_cache", "weights")
 
 
@@ -51,6 +52,23 @@ class Controller:
         self.kv_released = False
         self.num_updates = 0
         self.update_seconds = 0.0
+        self._next_watch = 0.0
+
+    def poll(self) -> list:
+        """Before a step: if an update is in parts and its trainer died between parts, the weights stay a mix
+        for good, so refuse to serve them (and abort what runs) instead of generating from them."""
+        now = time.monotonic()
+        if not self.partial_parts or self.s.unusable is not None or now < self._next_watch:
+            return []
+        self._next_watch = now + WATCH_EVERY_S
+        dead = self.updater.dead_groups()
+        if not dead:
+            return []
+        outputs: list = []
+        self._set_unusable(f"The trainer of weight-update group {dead[0]!r} is gone after {self.partial_parts} "
+                           "parts of an update were applied: the weights are a mix of old and new; generation is "
+                           "refused until the next successful update.", outputs)
+        return outputs
 
     # --- dispatch -------------------------------------------------------------------------------
 

@@ -132,6 +132,9 @@ class Scheduler:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward pass over a batch; return what requests produced (streamed or finished)."""
+        stopped = self.controller.poll()  # weights left a mix by a dead trainer: nothing may run on them
+        if stopped or self.unusable is not None:
+            return stopped
         decodes = self._alloc_decode_slots([r for r in self.running if r.num_uncomputed == 1])
         if len(decodes) > 1:  # requests sharing a cached prefix side by side: attention reads it once
             first_slots = self.req_pool.table[torch.tensor([r.req_pool_row for r in decodes]), 0].tolist()

@@ -145,6 +145,18 @@ class WeightUpdater:
             raise refusal
         return apply_named_tensors(self.model, named, digest=False)
 
+    def dead_groups(self) -> list[str]:
+        """Groups whose trainer is gone: its store (hosted in the trainer's process) no longer answers."""
+        from torch.distributed import distributed_c10d as c10d
+
+        dead = []
+        for name, g in self.groups.items():
+            try:
+                c10d._world.pg_map[g.group][1].check(["liveness"])
+            except Exception:
+                dead.append(name)
+        return dead
+
     # --- reads ----------------------------------------------------------------------------------
 
     def get_weights(self, name: str, truncate_size: int) -> list:

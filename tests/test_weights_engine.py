@@ -12,34 +12,14 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from runtime.engine import Engine, WeightsUnusableError
-from sync import iterate_checkpoint
+from weight_trainer import hf_greedy, perturbed
 
 pytestmark = pytest.mark.timeout(120)
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 PROMPT = [5, 17, 99, 42, 7, 200, 31, 64, 128, 3, 11, 12]
-
-
-def hf_greedy(model_dir: str, prompt: list[int], n: int, named: list | None = None) -> list[int]:
-    """transformers' greedy continuation, on the checkpoint or on `named` tensors loaded over it."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if named is not None:
-        missing = model.load_state_dict(dict(named), strict=False)
-        assert not missing.unexpected_keys
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
-
-
-def perturbed(model_dir: str, scale: float, seed: int) -> list[tuple[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(n, t + scale * torch.randn(t.shape, generator=gen)) for n, t in iterate_checkpoint(model_dir)]
 
 
 @pytest.fixture(scope="module")

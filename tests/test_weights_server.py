@@ -226,3 +226,32 @@ def test_trainer_killed_mid_broadcast(servers, paths, load_format, after):
         assert s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "after"}).ok
         assert greedy(s)["output_ids"] == before
     assert s.post("/destroy_weights_update_group", json={}).json()["success"]
+
+
+def test_pause_in_place_spans_update_and_memory_release(servers, paths):
+    import threading
+
+    s = servers[1]
+    assert s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "p0"}).ok
+    assert s.post("/pause_generation", json={"mode": "in_place"}).json()["success"]
+    results: list = []
+    body = {"input_ids": PROMPT, "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": N, "ignore_eos": True}}
+    t = threading.Thread(target=lambda: results.append(s.post("/generate", json=body)))
+    t.start()
+    time.sleep(0.5)
+    assert not results  # /generate waits while paused
+    assert s.post("/update_weights_from_disk", json={"model_path": paths["b"], "weight_version": "p1"}).ok
+    assert s.post("/continue_generation", json={}).json()["success"]
+    t.join(30)
+    out = results[0].json()
+    assert out["meta_info"]["output_token_weight_versions"] == ["p1"] * N  # queued: every token from p1
+    assert out["output_ids"] == hf_greedy(paths["b"], PROMPT, N)
+
+    # Memory: release needs no request holding KV; on the CPU released weights come back empty: 503.
+    assert s.post("/release_memory_occupation", json={"tags": ["kv_cache", "weights"]}).json()["success"]
+    assert s.post("/resume_memory_occupation", json={}).json()["success"]
+    r = s.post("/generate", json=body)
+    assert r.status_code == 503 and "update the weights" in r.json()["error"]["message"]
+    assert s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "p2"}).ok
+    check_serves(s, None, "p2", paths["a"])

@@ -104,6 +104,11 @@ class ServingScheduler:
             "num_retractions": s.num_retractions,
             "forward_steps": s.forward_steps,
             "weight_version": s.weight_version,
+            "paused": s.paused,
+            "weights_unusable": s.unusable,
+            "memory_released": s.memory_released,
+            "num_weight_updates": s.controller.num_updates,
+            "weight_update_seconds": round(s.controller.update_seconds, 6),
             "engine_pid": os.getpid(),
         }
 

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from rollout.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                              parse_timeout, parse_tokenize)
 from rollout.tokenizer_manager import ClientDisconnected, EngineUnavailable, GenerateCall, TokenizerManager
+from rollout.weight_routes import add_weight_routes
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,9 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
 
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
+
+    # --- weight updates and generation control (rollout/weight_routes.py) ------------------------
+    add_weight_routes(app, tm, json_response, error_response)
 
     if tm.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=tm.args.api_key)

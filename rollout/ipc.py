@@ -16,16 +16,16 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from runtime.messages import (AbortRequest, AbortRequestsExact, EngineFailed, EngineReady, FlushCacheRequest,
-                              FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
-                              RequestOutput, ServerStateRequest, ServerStateResult)
+from runtime.messages import (AbortRequest, AbortRequestsExact, ControlRequest, ControlResult, EngineFailed,
+                              EngineReady, FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
+                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 
 # HTTP process -> engine process.
 EngineInput = (GenerateRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest | HealthCheckRequest
-               | ServerStateRequest)
+               | ServerStateRequest | ControlRequest)
 # Engine process -> HTTP process.
 EngineOutput = (RequestOutput | FlushCacheResult | HealthCheckResult | ServerStateResult | EngineReady
-                | EngineFailed)
+                | EngineFailed | ControlResult)
 
 
 class InputCodec:

@@ -23,9 +23,9 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from rollout.engine_process import EngineProcess
 from rollout.ipc import InputCodec, OutputCodec, configure
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
-from runtime.messages import (AbortRequest, AbortRequestsExact, EngineFailed, EngineReady, FlushCacheRequest,
-                              FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
-                              RequestOutput, ServerStateRequest, ServerStateResult)
+from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EngineFailed, EngineReady,
+                              FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
+                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 from runtime.response import ResponseBuilder
 from runtime.sampling_params import SamplingParams
 
@@ -77,6 +77,9 @@ class TokenizerManager:
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self.hf_config = AutoConfig.from_pretrained(args.model_path)
         self.weight_version = args.weight_version
+        self.model_path = args.model_path                # the checkpoint last loaded from disk, as sent
+        self.unusable: str | None = None                 # why the weights cannot serve (503), from the engine
+        self.paused = False
         self.info: EngineReady | None = None
         self.ready: asyncio.Event | None = None          # created in start(), inside the event loop
         self.dead_reason: str | None = None
@@ -181,14 +184,16 @@ class TokenizerManager:
             if out.finished:
                 del self._slots[out.rid]
                 call.remaining -= 1
-                if out.weight_version:
-                    self.weight_version = out.weight_version
             if call.stream:
                 call.dirty.append(slot.index)
                 call.event.set()
             elif call.remaining == 0:
                 call.event.set()
-        elif isinstance(out, (HealthCheckResult, ServerStateResult)):
+        elif isinstance(out, (HealthCheckResult, ServerStateResult, ControlResult)):
+            if isinstance(out, ControlResult):  # the engine's state after the control message, in order
+                self.weight_version = out.weight_version
+                self.unusable = out.unusable
+                self.paused = out.paused
             fut = self._pending.pop(out.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(out)
@@ -212,12 +217,12 @@ class TokenizerManager:
     def _send(self, messages: list) -> None:
         self._push.send(self._in_codec.encode(messages), copy=False)
 
-    async def _control(self, message_cls: type, timeout: float) -> Any:
+    async def _control(self, message_cls: type, timeout: float, /, **fields: Any) -> Any:
         self.check_available()
         msg_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
-        self._send([message_cls(id=msg_id)])
+        self._send([message_cls(id=msg_id, **fields)])
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -238,6 +243,8 @@ class TokenizerManager:
                start_time: float) -> GenerateCall:
         """Register the call's samples and send them; ValueError for an rid already in flight."""
         self.check_available()
+        if self.unusable is not None:
+            raise EngineUnavailable(self.unusable)
         for r in norm.requests:
             if r.rid in self._slots:
                 raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
@@ -326,6 +333,10 @@ class TokenizerManager:
                 return result
             await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
 
+    async def control(self, message_cls: type, wait_s: float, /, **fields: Any) -> ControlResult:
+        """Send a weight-update or generation-control message; its ControlResult, in queue order."""
+        return await self._control(message_cls, wait_s, **fields)
+
     async def health(self, timeout: float) -> None:
         await self._control(HealthCheckRequest, timeout)
 
@@ -352,7 +363,7 @@ class TokenizerManager:
 
     def model_info(self) -> dict:
         return {
-            "model_path": self.args.model_path,
+            "model_path": self.model_path,
             "tokenizer_path": self.args.tokenizer_path or self.args.model_path,
             "is_generation": not self.args.is_embedding,
             "preferred_sampling_params": None,

@@ -7,15 +7,22 @@ wait for their outputs, so calls from several threads (or asyncio tasks) batch t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import torch
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
-from runtime.messages import AbortRequest, FlushCacheRequest, FlushCacheResult, RequestOutput, SchedulerInput
+from runtime.messages import (AbortRequest, ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
+                              FlushCacheRequest, FlushCacheResult, GetWeightsByNameReq, InitWeightsUpdateGroupReq,
+                              PauseGenerationReq, ReleaseMemoryReq, RequestOutput, ResumeMemoryReq, SchedulerInput,
+                              UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
+                              UpdateWeightsFromLocalTensorsReq, UpdateWeightVersionReq)
 from runtime.model_runner import ModelRunner
 from runtime.response import ResponseBuilder
 from runtime.scheduler import Scheduler
@@ -23,8 +30,14 @@ from runtime.scheduler_loop import run_scheduler_loop
 from runtime.server_args import ServerArgs
 from runtime.stop_checker import StopChecker
 from runtime.tokenizer_info import eos_token_ids
+from sync.specs import dtype_name
 
 logger = logging.getLogger(__name__)
+
+
+class WeightsUnusableError(RuntimeError):
+    """The weights cannot serve (an update broke midway, or they were released without a backup) until
+    the next successful update; the message says why."""
 
 
 class Engine:
@@ -48,6 +61,8 @@ class Engine:
         self._lock = threading.Lock()
         self._waiters: dict[str, queue.SimpleQueue[RequestOutput]] = {}
         self._flush_waiters: queue.SimpleQueue[FlushCacheResult] = queue.SimpleQueue()
+        self._control_ids = itertools.count(1)
+        self._control_waiters: dict[int, queue.SimpleQueue[ControlResult]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=run_scheduler_loop, args=(self.scheduler, self._receive, self._dispatch, self._stop),
@@ -70,6 +85,12 @@ class Engine:
         for out in outputs:
             if isinstance(out, FlushCacheResult):
                 self._flush_waiters.put(out)
+                continue
+            if isinstance(out, ControlResult):
+                with self._lock:
+                    waiter = self._control_waiters.pop(out.id, None)
+                if waiter is not None:
+                    waiter.put(out)
                 continue
             with self._lock:
                 waiter = self._waiters.get(out.rid)
@@ -112,6 +133,9 @@ class Engine:
                             top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
                             return_text_in_logprobs=return_text_in_logprobs, stream=stream)
         norm = self._normalize(inp)
+        unusable = self.scheduler.unusable
+        if unusable is not None:  # HTTP answers 503 with the same message
+            raise WeightsUnusableError(unusable)
         if stream:
             return self._stream(norm, return_text_in_logprobs)
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs) for r in norm.requests]
@@ -176,6 +200,87 @@ class Engine:
     def flush_cache(self) -> FlushCacheResult:
         self._inbox.put(FlushCacheRequest())
         return self._flush_waiters.get()
+
+    # --- weight updates and generation control (the same scheduler code as the HTTP routes) --------
+    # Updates return (success, message) as SGLang's Engine does; each runs between scheduler steps.
+
+    def _control(self, cls: type, **fields: Any) -> ControlResult:
+        msg_id = next(self._control_ids)
+        waiter: queue.SimpleQueue[ControlResult] = queue.SimpleQueue()
+        with self._lock:
+            self._control_waiters[msg_id] = waiter
+        self._inbox.put(cls(id=msg_id, **fields))
+        return waiter.get()
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
+                                 weight_version: str | None = None, flush_cache: bool = True,
+                                 abort_all_requests: bool = False) -> tuple[bool, str]:
+        r = self._control(UpdateWeightsFromDiskReq, model_path=str(model_path), load_format=load_format,
+                          weight_version=weight_version, flush_cache=flush_cache,
+                          abort_all_requests=abort_all_requests)
+        return r.success, r.message
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl",
+                                  timeout: float = 300.0) -> tuple[bool, str]:
+        r = self._control(InitWeightsUpdateGroupReq, master_address=master_address, master_port=master_port,
+                          rank_offset=rank_offset, world_size=world_size, group_name=group_name, backend=backend,
+                          timeout=timeout)
+        return r.success, r.message
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str | torch.dtype],
+                                        shapes: Sequence[Sequence[int]], group_name: str = "weight_update_group",
+                                        load_format: str | None = None, weight_version: str | None = None,
+                                        flush_cache: bool = True) -> tuple[bool, str]:
+        r = self._control(UpdateWeightsFromDistributedReq, names=list(names),
+                          dtypes=[d if isinstance(d, str) else dtype_name(d) for d in dtypes],
+                          shapes=[list(s) for s in shapes], group_name=group_name, load_format=load_format,
+                          weight_version=weight_version, flush_cache=flush_cache)
+        return r.success, r.message
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
+        r = self._control(DestroyWeightsUpdateGroupReq, group_name=group_name)
+        return r.success, r.message
+
+    def update_weights_from_tensor(self, named_tensors: Sequence[tuple[str, torch.Tensor]],
+                                   load_format: str | None = None, weight_version: str | None = None,
+                                   flush_cache: bool = True) -> tuple[bool, str]:
+        """The tensors themselves go to the scheduler thread and are copied once, into the parameters."""
+        if load_format not in (None, "auto", "direct"):
+            return False, f"load_format={load_format!r} is not supported in-process; pass (name, tensor) pairs."
+        r = self._control(UpdateWeightsFromLocalTensorsReq, named_tensors=list(named_tensors),
+                          weight_version=weight_version, flush_cache=flush_cache)
+        return r.success, r.message
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        r = self._control(GetWeightsByNameReq, name=name, truncate_size=truncate_size)
+        if not r.success:
+            raise ValueError(r.message)
+        return r.parameter
+
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> tuple[bool, str]:
+        r = self._control(UpdateWeightVersionReq, new_version=new_version, abort_all_requests=abort_all_requests)
+        return r.success, r.message
+
+    def pause_generation(self, mode: str = "abort") -> tuple[bool, str]:
+        r = self._control(PauseGenerationReq, mode=mode)
+        return r.success, r.message
+
+    def continue_generation(self) -> tuple[bool, str]:
+        r = self._control(ContinueGenerationReq)
+        return r.success, r.message
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> tuple[bool, str]:
+        r = self._control(ReleaseMemoryReq, tags=tags)
+        return r.success, r.message
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> tuple[bool, str]:
+        r = self._control(ResumeMemoryReq, tags=tags)
+        return r.success, r.message
+
+    @property
+    def weight_version(self) -> str:
+        return self.scheduler.weight_version
 
     def shutdown(self) -> None:
         self._stop.set()

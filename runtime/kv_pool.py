@@ -29,3 +29,13 @@ class KVPool:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_buffers + self.v_buffers)
+
+    def release(self) -> None:
+        """Free the buffers' memory; the tensor objects stay (the attention backend holds them)."""
+        for t in self.k_buffers + self.v_buffers:
+            t.untyped_storage().resize_(0)
+
+    def resume(self) -> None:
+        for t in self.k_buffers + self.v_buffers:
+            t.untyped_storage().resize_(t.numel() * t.element_size())
+            t.zero_()

@@ -115,3 +115,119 @@ class EngineFailed(msgspec.Struct, tag=True, kw_only=True):
     """The engine process could not start (sent instead of EngineReady), or hit a fatal error."""
 
     message: str
+
+
+# --- weight updates and generation control (issue 4) -------------------------------------------------
+# Each carries an `id` so its result finds its caller; the scheduler applies them between steps, in the
+# order they arrive among requests. Shared by the in-process Engine and the server's engine process.
+
+
+class UpdateWeightsFromDiskReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    model_path: str
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class InitWeightsUpdateGroupReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+    timeout: float = 300.0  # seconds: the join, and later every broadcast on the group
+
+
+class UpdateWeightsFromDistributedReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    load_format: str | None = None  # None: one broadcast per tensor; "flattened_bucket": one flat buffer
+    weight_version: str | None = None
+    flush_cache: bool = True
+
+
+class DestroyWeightsUpdateGroupReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    group_name: str = "weight_update_group"
+
+
+class UpdateWeightsFromTensorReq(msgspec.Struct, tag=True, kw_only=True):
+    """Over the wire: base64 safetensors payloads (sync.safetensors_payload), never pickle."""
+
+    id: int
+    serialized_named_tensors: list[str]
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+
+
+class UpdateWeightsFromLocalTensorsReq(msgspec.Struct, tag=True, kw_only=True):
+    """In-process only (runtime.Engine): the caller's tensors themselves, copied once, in place. Never
+    encoded, so it is not part of the ZeroMQ wire format (rollout/ipc.py)."""
+
+    id: int
+    named_tensors: list  # list[tuple[str, torch.Tensor]]
+    weight_version: str | None = None
+    flush_cache: bool = True
+
+
+class GetWeightsByNameReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    name: str
+    truncate_size: int = 100
+
+
+class UpdateWeightVersionReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    new_version: str
+    abort_all_requests: bool = False
+
+
+class PauseGenerationReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    mode: str = "abort"  # "abort" | "retract" | "in_place"
+
+
+class ContinueGenerationReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+
+
+class ReleaseMemoryReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    tags: list[str] | None = None  # None: every tag ("kv_cache", "weights")
+
+
+class ResumeMemoryReq(msgspec.Struct, tag=True, kw_only=True):
+    id: int
+    tags: list[str] | None = None
+
+
+class ControlResult(msgspec.Struct, tag=True, kw_only=True):
+    """The answer to any control message above. `unusable` is set when the weights cannot serve (a broken
+    update, released weights): generation is refused with it (HTTP 503) until the next good update."""
+
+    id: int
+    success: bool
+    message: str
+    weight_version: str
+    unusable: str | None = None
+    paused: bool = False
+    parameter: list | None = None      # get_weights_by_name
+    report: dict | None = None         # what an update applied: names count, bytes, seconds, digest
+
+
+ControlRequest = (UpdateWeightsFromDiskReq | InitWeightsUpdateGroupReq | UpdateWeightsFromDistributedReq
+                  | DestroyWeightsUpdateGroupReq | UpdateWeightsFromTensorReq | GetWeightsByNameReq
+                  | UpdateWeightVersionReq | PauseGenerationReq | ContinueGenerationReq | ReleaseMemoryReq
+                  | ResumeMemoryReq)
+CONTROL_TYPES = (UpdateWeightsFromDiskReq, InitWeightsUpdateGroupReq, UpdateWeightsFromDistributedReq,
+                 DestroyWeightsUpdateGroupReq, UpdateWeightsFromTensorReq, UpdateWeightsFromLocalTensorsReq,
+                 GetWeightsByNameReq, UpdateWeightVersionReq, PauseGenerationReq, ContinueGenerationReq,
+                 ReleaseMemoryReq, ResumeMemoryReq)

@@ -43,6 +43,7 @@ class Request:
     last_node: Any = None
     cached_tokens: int = 0
     admitted_once: bool = False
+    kv_stale: bool = False  # KV computed under weights since replaced: used by this request, never cached
 
     # Logprobs of prompt positions, filled chunk by chunk during the first prefill.
     input_logprobs_pending: bool = False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.forward_batch import ForwardBatch
-from runtime.messages import (AbortRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
+from runtime.messages import (CONTROL_TYPES, AbortRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
                               RequestOutput, SchedulerInput)
 from runtime.model_runner import ModelRunner
 from runtime.page_allocator import PageAllocator
@@ -69,17 +69,30 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_retractions = 0
         self.forward_steps = 0
+        # Generation control (runtime/controller.py): a pause mode, released memory, or why the weights
+        # cannot serve (a broken update). While paused or released, requests queue and wait.
+        self.paused: str | None = None
+        self.memory_released = False
+        self.unusable: str | None = None
+        from runtime.controller import Controller  # it imports this module's types
+        self.controller = Controller(self)
 
     # --- messages -------------------------------------------------------------------------------
 
     def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
         if isinstance(msg, GenerateRequest):
+            if self.unusable is not None:  # the front ends refuse first; this answers a request in the race
+                return [RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
+                                      weight_version=self.weight_version, finished=True,
+                                      finish_reason={"type": "abort", "message": self.unusable})]
             self.add_request(msg)
             return []
         if isinstance(msg, AbortRequest):
             return self.abort(msg.rid, msg.abort_all)
         if isinstance(msg, FlushCacheRequest):
             return [self.flush_cache()]
+        if isinstance(msg, CONTROL_TYPES):
+            return self.controller.handle(msg)
         raise TypeError(f"Unknown scheduler message {type(msg).__name__}")
 
     def add_request(self, msg: GenerateRequest) -> None:
@@ -111,12 +124,17 @@ class Scheduler:
         return FlushCacheResult(success=True, message="Cache flushed.")
 
     def has_work(self) -> bool:
+        if self.paused is not None or self.memory_released:
+            return False
         return bool(self.waiting or self.running)
 
     # --- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one forward pass over a batch; return what requests produced (streamed or finished)."""
+        stopped = self.controller.poll()  # weights left a mix by a dead trainer: nothing may run on them
+        if stopped or self.unusable is not None:
+            return stopped
         decodes = self._alloc_decode_slots([r for r in self.running if r.num_uncomputed == 1])
         if len(decodes) > 1:  # requests sharing a cached prefix side by side: attention reads it once
             first_slots = self.req_pool.table[torch.tensor([r.req_pool_row for r in decodes]), 0].tolist()
@@ -196,8 +214,10 @@ class Scheduler:
         if req.req_pool_row is None:
             return
         slots = self.req_pool.read(req.req_pool_row, 0, req.kv_len).clone()
-        if self.cache.disable:
+        if self.cache.disable or req.kv_stale:  # stale: computed under older weights, never cached
             self.allocator.free_slots(slots[req.prefix_len:])
+            if req.prefix_len:
+                self.cache.dec_lock(req.last_node)
         else:
             tokens = req.fill_ids[:req.kv_len]
             existed = self.cache.insert(tokens, slots)
@@ -210,10 +230,11 @@ class Scheduler:
         req.last_node = None
         req.kv_len = 0
         req.prefix_len = 0
+        req.kv_stale = False
 
     def _share_prefix(self, req: Request) -> None:
         """After a prefill, put the prompt's KV in the cache so siblings waiting on it find it."""
-        if self.cache.disable:
+        if self.cache.disable or req.kv_stale:
             return
         slots = self.req_pool.read(req.req_pool_row, 0, req.kv_len).clone()
         tokens = req.fill_ids[:req.kv_len]
@@ -468,7 +489,10 @@ class Scheduler:
         k = req.sent_tokens
         out = RequestOutput(
             rid=req.rid, new_token_ids=new, prompt_tokens=len(req.input_ids), cached_tokens=req.cached_tokens,
-            weight_version=self.weight_version, finished=req.finished, finish_reason=req.finish_reason,
+            # The version that produced the request's last token (an old one for a request aborted
+            # before its first step under new weights).
+            weight_version=req.output_weight_versions[-1] if req.output_weight_versions else self.weight_version,
+            finished=req.finished, finish_reason=req.finish_reason,
             output_token_weight_versions=req.output_weight_versions[k:])
         if req.return_logprob:
             out.output_token_logprobs = req.output_token_logprobs[k:]

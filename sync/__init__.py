@@ -6,6 +6,7 @@
 - `init_custom_process_group` / `destroy_process_group`: the trainer's weight-update group (not the default).
 - `WeightSender` (trainer) and `receive_tensors` / `receive_buckets` (server): broadcasts per tensor or
   in flat buckets (`flatten_bucket`, `unflatten_bucket`, `plan_buckets`, `layout_bucket`).
+- `ServerGroup` (trainer): create a group with N rollout servers over HTTP, push tensors in buckets, destroy.
 - `encode_named_tensors` / `decode_named_tensors`: the safetensors (never pickle) tensor payload.
 - `tensor_checksum`, `model_checksums`, `update_digest`: verification.
 Errors: `WeightUpdateError` (refused, model untouched), `PartialUpdateError` (model inconsistent),
@@ -23,12 +24,14 @@ from sync.receiver import receive_buckets, receive_tensors
 from sync.report import UpdateReport
 from sync.safetensors_payload import decode_named_tensors, encode_named_tensors
 from sync.sender import WeightSender
+from sync.server_group import ServerGroup, WeightPushError
 from sync.specs import TensorSpecs
 from sync.targets import check_specs
 from sync.transaction import Transaction, apply_in_place_with_backup
 
 __all__ = [
     "BroadcastError", "BucketMeta", "CheckpointNotFoundError", "GroupJoinError", "PartialUpdateError",
+    "ServerGroup", "WeightPushError",
     "TensorSpecs", "Transaction", "UpdateReport", "WeightSender", "WeightUpdateError",
     "apply_in_place_with_backup", "apply_named_tensors", "check_specs", "checkpoint_specs",
     "decode_named_tensors", "destroy_process_group", "digest_of", "encode_named_tensors", "flatten_bucket",

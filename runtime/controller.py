@@ -1,0 +1,276 @@
+"""The scheduler's side of weight updates and generation control: what happens to requests and to the
+prefix cache around an update, pause modes, versions, and the refuse-to-serve state.
+
+Runs in the scheduler's thread, between steps, in the order messages arrive (the in-process Engine and
+the server's engine process share it through `Scheduler.handle`).
+
+- Versions: every output token records `scheduler.weight_version` at the step that sampled it.
+- Cache: after weights change, no KV computed under the old ones may be reused. Requests that hold KV
+  (running, or paused in place) keep their own KV and go on, but it is marked stale (never inserted into
+  the cache), and a cached prefix they hold is copied into slots of their own so the whole cache can be
+  dropped. A request whose copy finds no memory is retracted instead (it recomputes under the new weights).
+- Failures: a refused update leaves the model untouched (old weights serve). A failure that leaves the
+  model a mix (a broken checkpoint copy, or a broadcast that breaks after earlier buckets of the same
+  update were applied) sets `scheduler.unusable`: generation is refused with that message (HTTP 503) and
+  in-flight requests are aborted, until the next successful update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
+                              GetWeightsByNameReq, InitWeightsUpdateGroupReq, PauseGenerationReq, ReleaseMemoryReq,
+                              ResumeMemoryReq, UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
+                              UpdateWeightsFromLocalTensorsReq, UpdateWeightsFromTensorReq, UpdateWeightVersionReq)
+from runtime.weight_updater import WeightUpdater
+from sync.errors import BroadcastError, CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
+from sync.report import UpdateReport
+
+if TYPE_CHECKING:
+    from runtime.request import Request
+    from runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+WATCH_EVERY_S = 0.5  # while an update is in parts, how often generation checks that its trainer lives
+MEMORY_TAGS = ("kv_cache", "weights")
+
+
+class Controller:
+    def __init__(self, scheduler: "Scheduler"):
+        self.s = scheduler
+        self.updater = WeightUpdater(scheduler.runner.model, scheduler.runner.device)
+        # Parts of an update (buckets, per-tensor requests without a weight_version) applied since the
+        # last complete one: if the next part fails, the model holds a mix of two updates.
+        self.partial_parts = 0
+        self.kv_released = False
+        self.num_updates = 0
+        self.update_seconds = 0.0
+        self._next_watch = 0.0
+
+    def poll(self) -> list:
+        """Before a step: if an update is in parts and its trainer died between parts, the weights stay a mix
+        for good, so refuse to serve them (and abort what runs) instead of generating from them."""
+        now = time.monotonic()
+        if not self.partial_parts or self.s.unusable is not None or now < self._next_watch:
+            return []
+        self._next_watch = now + WATCH_EVERY_S
+        dead = self.updater.dead_groups()
+        if not dead:
+            return []
+        outputs: list = []
+        self._set_unusable(f"The trainer of weight-update group {dead[0]!r} is gone after {self.partial_parts} "
+                           "parts of an update were applied: the weights are a mix of old and new; generation is "
+                           "refused until the next successful update.", outputs)
+        return outputs
+
+    # --- dispatch -------------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> list:
+        handler = getattr(self, "_on_" + type(msg).__name__)
+        outputs: list = []
+        try:
+            result = handler(msg, outputs)
+        except Exception as e:  # our bug: answer it (the caller must never wait forever), keep serving
+            logger.exception("Control message %s failed", type(msg).__name__)
+            result = self._result(msg, False, f"Internal error handling {type(msg).__name__}: {e!r}")
+        outputs.append(result)
+        return outputs
+
+    def _result(self, msg: Any, success: bool, message: str, **extra: Any) -> ControlResult:
+        return ControlResult(id=msg.id, success=success, message=message, weight_version=self.s.weight_version,
+                             unusable=self.s.unusable, paused=self.s.paused is not None, **extra)
+
+    # --- updates --------------------------------------------------------------------------------
+
+    def _update(self, msg: Any, outputs: list, apply: Any, ok: str, fail_prefix: str,
+                complete: bool) -> ControlResult:
+        """Run `apply()` (returns an UpdateReport); on success bump the version and invalidate old KV.
+
+        `complete`: the request is a whole update by itself (disk) or names the version it completes."""
+        start = time.perf_counter()
+        try:
+            report: UpdateReport = apply()
+        except (WeightUpdateError, BroadcastError, PartialUpdateError, RuntimeError, ValueError) as e:
+            mixed = isinstance(e, PartialUpdateError) or (not isinstance(e, WeightUpdateError)
+                                                          and self.partial_parts > 0)
+            message = self._failure_message(fail_prefix, e, mixed)
+            if mixed:
+                self._set_unusable(message, outputs)
+            logger.error("%s", message)
+            return self._result(msg, False, message)
+        self.invalidate_kv()
+        if getattr(msg, "weight_version", None) is not None:
+            self.s.weight_version = msg.weight_version
+        self.partial_parts = 0 if complete or getattr(msg, "weight_version", None) is not None else \
+            self.partial_parts + 1
+        self.s.unusable = None
+        self.num_updates += 1
+        self.update_seconds += time.perf_counter() - start
+        return self._result(msg, True, ok, report={"num_tensors": len(report.names), "num_bytes": report.num_bytes,
+                                                   "seconds": time.perf_counter() - start})
+
+    @staticmethod
+    def _failure_message(prefix: str, e: Exception, mixed: bool) -> str:
+        if isinstance(e, CheckpointNotFoundError):
+            return str(e)  # API.md's "Failed to get weights iterator: {path} (repository not found)."
+        text = str(e).rstrip(".")
+        if mixed:
+            return (f"{prefix}{text}. The weights are now a mix of old and new (earlier parts of this update were "
+                    "applied); generation is refused until the next successful update.")
+        return f"{prefix}{text}.\nRolling back to original weights."
+
+    def _set_unusable(self, message: str, outputs: list) -> None:
+        self.s.unusable = message
+        outputs += self.s.abort("", abort_all=True, message=message)
+
+    def _on_UpdateWeightsFromDiskReq(self, msg: UpdateWeightsFromDiskReq, outputs: list) -> ControlResult:
+        if msg.abort_all_requests:
+            outputs += self.s.abort("", abort_all=True, message="Aborted: the weights are being updated.")
+        return self._update(msg, outputs, lambda: self.updater.from_disk(msg.model_path, msg.load_format),
+                            "Succeeded to update model weights.", "Failed to update weights: ", complete=True)
+
+    def _on_UpdateWeightsFromDistributedReq(self, msg: UpdateWeightsFromDistributedReq,
+                                            outputs: list) -> ControlResult:
+        return self._update(msg, outputs, lambda: self.updater.from_distributed(msg),
+                            "Succeeded to update parameter online.", "Failed to update parameter online: ",
+                            complete=False)
+
+    def _on_UpdateWeightsFromTensorReq(self, msg: UpdateWeightsFromTensorReq, outputs: list) -> ControlResult:
+        return self._update(msg, outputs,
+                            lambda: self.updater.from_serialized(msg.serialized_named_tensors, msg.load_format),
+                            "Succeeded to update model weights.", "Failed to update weights: ", complete=False)
+
+    def _on_UpdateWeightsFromLocalTensorsReq(self, msg: UpdateWeightsFromLocalTensorsReq,
+                                             outputs: list) -> ControlResult:
+        return self._update(msg, outputs, lambda: self.updater.from_named_tensors(msg.named_tensors),
+                            "Succeeded to update model weights.", "Failed to update weights: ", complete=False)
+
+    def _on_UpdateWeightVersionReq(self, msg: UpdateWeightVersionReq, outputs: list) -> ControlResult:
+        if msg.abort_all_requests:
+            outputs += self.s.abort("", abort_all=True, message="Aborted: the weight version changed.")
+        self.s.weight_version = msg.new_version
+        self.partial_parts = 0
+        return self._result(msg, True, f"Weight version updated to {msg.new_version}.")
+
+    # --- groups and reads -----------------------------------------------------------------------
+
+    def _on_InitWeightsUpdateGroupReq(self, msg: InitWeightsUpdateGroupReq, outputs: list) -> ControlResult:
+        try:
+            where = self.updater.init_group(msg)
+        except Exception as e:  # GroupJoinError names the address, rank and timeout
+            return self._result(msg, False, f"Failed to initialize custom process group: {e}.")
+        logger.info("Joined weight-update group %r (%s).", msg.group_name, where)
+        return self._result(msg, True, "Succeeded to initialize custom process group.")
+
+    def _on_DestroyWeightsUpdateGroupReq(self, msg: DestroyWeightsUpdateGroupReq, outputs: list) -> ControlResult:
+        try:
+            self.updater.destroy_group(msg.group_name)
+        except Exception as e:
+            return self._result(msg, False, f"Failed to destroy custom process group: {e}")
+        return self._result(msg, True, "Succeeded to destroy custom process group.")
+
+    def _on_GetWeightsByNameReq(self, msg: GetWeightsByNameReq, outputs: list) -> ControlResult:
+        try:
+            values = self.updater.get_weights(msg.name, msg.truncate_size)
+        except WeightUpdateError as e:
+            return self._result(msg, False, str(e))
+        return self._result(msg, True, "", parameter=values)
+
+    # --- pause ----------------------------------------------------------------------------------
+
+    def _on_PauseGenerationReq(self, msg: PauseGenerationReq, outputs: list) -> ControlResult:
+        if msg.mode not in PAUSE_MODES:
+            return self._result(msg, False, f"mode must be one of {list(PAUSE_MODES)}, got {msg.mode!r}.")
+        if msg.mode == "abort":
+            outputs += self.s.abort("", abort_all=True, message="Aborted by pause_generation.")
+        elif msg.mode == "retract":
+            for req in reversed(list(self.s.running)):  # appendleft in reverse keeps their order
+                self.s._retract(req)
+        self.s.paused = msg.mode
+        return self._result(msg, True, f"Generation paused ({msg.mode}).")
+
+    def _on_ContinueGenerationReq(self, msg: ContinueGenerationReq, outputs: list) -> ControlResult:
+        self.s.paused = None
+        return self._result(msg, True, "Generation continued.")
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def _tags(self, tags: list[str] | None) -> list[str]:
+        tags = list(MEMORY_TAGS) if tags is None else tags
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise ValueError(f"Unknown memory tags {bad}; known: {list(MEMORY_TAGS)}.")
+        return tags
+
+    def _on_ReleaseMemoryReq(self, msg: ReleaseMemoryReq, outputs: list) -> ControlResult:
+        try:
+            tags = self._tags(msg.tags)
+        except ValueError as e:
+            return self._result(msg, False, str(e))
+        if self.s.running:
+            return self._result(msg, False, f"Cannot release memory while {len(self.s.running)} requests hold KV "
+                                            "cache; pause_generation with mode 'abort' or 'retract' first.")
+        if "kv_cache" in tags and not self.kv_released:
+            self.s.cache.reset()
+            self.s.runner.kv_pool.release()
+            self.kv_released = True
+        if "weights" in tags:
+            self.updater.release()
+        self.s.memory_released = self.kv_released or self.updater.released
+        return self._result(msg, True, f"Released {tags}.")
+
+    def _on_ResumeMemoryReq(self, msg: ResumeMemoryReq, outputs: list) -> ControlResult:
+        try:
+            tags = self._tags(msg.tags)
+        except ValueError as e:
+            return self._result(msg, False, str(e))
+        message = f"Resumed {tags}."
+        if "kv_cache" in tags and self.kv_released:
+            self.s.runner.kv_pool.resume()
+            self.kv_released = False
+        if "weights" in tags and self.updater.released and not self.updater.resume():
+            message += " The weights' values were dropped (CPU): push an update before generating."
+            self.s.unusable = ("The weights were released and resumed without their values; update the weights "
+                               "before generating.")
+        self.s.memory_released = self.kv_released or self.updater.released
+        return self._result(msg, True, message)
+
+    # --- the prefix cache after new weights -----------------------------------------------------
+
+    def invalidate_kv(self) -> None:
+        """No KV computed under the old weights may be reused: mark held KV stale, drop the cache."""
+        s = self.s
+        for req in list(s.running):
+            req.kv_stale = True
+            if req.prefix_len > 0 and not self._own_prefix(req):
+                s._retract(req)  # no memory for a private copy: recompute under the new weights
+        assert s.cache.protected_size() == 0, "a running request still holds a cached prefix"
+        s.cache.reset()
+
+    def _own_prefix(self, req: "Request") -> bool:
+        """Copy the cached prefix `req` reads into slots of its own and unlock it; False if no memory."""
+        s = self.s
+        n = req.prefix_len
+        if not s._ensure_free(s._tokens_to_alloc(0, n)):
+            return False
+        new = s.allocator.alloc_tokens(0, -1, n)
+        if new is None:
+            return False
+        old = s.req_pool.read(req.req_pool_row, 0, n).clone()
+        pool = s.runner.kv_pool
+        with torch.no_grad():
+            for k, v in zip(pool.k_buffers, pool.v_buffers):
+                k[new] = k[old]
+                v[new] = v[old]
+        s.req_pool.write(req.req_pool_row, 0, new)
+        s.cache.dec_lock(req.last_node)
+        req.last_node = s.cache.root
+        req.prefix_len = 0
+        return True

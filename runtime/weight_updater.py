@@ -1,0 +1,210 @@
+"""The model's side of hot weight updates: disk, broadcast groups, tensors, reads, and releasing memory.
+
+It knows the model and the weight-update groups, not the requests: `runtime.control.Controller` decides
+when an update runs and what the scheduler does around it. Every update validates before the first copy
+(names, shapes and dtypes against the model), so a refused update raises `WeightUpdateError` with the
+model untouched; a broadcast is received whole (one request's tensors) before anything is copied, so a
+peer that dies mid-broadcast also leaves the model untouched. Only a checkpoint file that breaks while
+being copied raises `PartialUpdateError` (the model is a mix).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from runtime.messages import InitWeightsUpdateGroupReq, UpdateWeightsFromDistributedReq
+from sync.bucket import layout_bucket
+from sync.disk import update_weights_from_disk
+from sync.errors import BroadcastError, WeightUpdateError
+from sync.named_tensors import apply_named_tensors
+from sync.process_group import destroy_process_group, init_custom_process_group, tcp_init_method
+from sync.receiver import receive_buckets, receive_tensors
+from sync.report import UpdateReport
+from sync.safetensors_payload import decode_named_tensors
+from sync.specs import TensorSpecs, parse_dtype
+from sync.targets import check_specs
+
+logger = logging.getLogger(__name__)
+
+DISK_LOAD_FORMATS = (None, "auto", "safetensors")
+TENSOR_LOAD_FORMATS = (None, "auto", "safetensors")
+DISTRIBUTED_LOAD_FORMATS = (None, "auto", "flattened_bucket")
+
+
+class _Group:
+    def __init__(self, group: dist.ProcessGroup, backend: str, timeout: float, where: str):
+        self.group = group
+        self.backend = backend
+        self.timeout = timeout
+        self.where = where
+
+
+class WeightUpdater:
+    def __init__(self, model: torch.nn.Module, device: torch.device, tp_rank: int = 0):
+        self.model = model
+        self.device = device
+        self.tp_rank = tp_rank
+        self.groups: dict[str, _Group] = {}
+        self.released = False
+        # Parameter storages and their CPU backups while released (one entry per storage: tied weights once).
+        self._storages: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] = []
+
+    # --- updates --------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.released:
+            raise WeightUpdateError("The weights are released (release_memory_occupation); resume them first.")
+
+    def from_disk(self, model_path: str, load_format: str | None) -> UpdateReport:
+        self._check_usable()
+        if load_format not in DISK_LOAD_FORMATS:
+            raise WeightUpdateError(f"load_format={load_format!r} is not supported from disk; use one of "
+                                    f"{[f for f in DISK_LOAD_FORMATS if f]}.")
+        return update_weights_from_disk(self.model, model_path, digest=False)
+
+    def from_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> UpdateReport:
+        """The caller's tensors (in-process) copied straight into the model: no copy but the in-place one."""
+        self._check_usable()
+        return apply_named_tensors(self.model, named, digest=False)
+
+    def from_serialized(self, payloads: list[str], load_format: str | None) -> UpdateReport:
+        self._check_usable()
+        if load_format not in TENSOR_LOAD_FORMATS:
+            raise WeightUpdateError(f"load_format={load_format!r} is not supported for tensors; the payload is "
+                                    "base64 safetensors bytes (sync.encode_named_tensors).")
+        if not payloads:
+            raise WeightUpdateError("serialized_named_tensors is empty.")
+        # One payload per tensor-parallel rank, as SGLang sends them; this rank reads its own.
+        if self.tp_rank >= len(payloads):
+            raise WeightUpdateError(f"serialized_named_tensors has {len(payloads)} entries; rank {self.tp_rank} "
+                                    "has none.")
+        named = decode_named_tensors(payloads[self.tp_rank])
+        return apply_named_tensors(self.model, named, digest=False)
+
+    # --- broadcast groups -----------------------------------------------------------------------
+
+    def init_group(self, msg: InitWeightsUpdateGroupReq) -> str:
+        if msg.group_name in self.groups:
+            raise WeightUpdateError(f"A weight-update group named {msg.group_name!r} already exists "
+                                    f"({self.groups[msg.group_name].where}); destroy it first.")
+        if msg.backend == "nccl" and self.device.type != "cuda":
+            raise WeightUpdateError(f"backend='nccl' needs a CUDA device; this server runs on {self.device.type}"
+                                    " (use backend='gloo').")
+        rank = msg.rank_offset + self.tp_rank
+        init_method = tcp_init_method(msg.master_address, msg.master_port)
+        group = init_custom_process_group(msg.backend, init_method, msg.world_size, rank, msg.group_name,
+                                          timeout=msg.timeout)  # GroupJoinError names the address
+        where = f"{init_method}, rank {rank} of {msg.world_size}, {msg.backend}"
+        self.groups[msg.group_name] = _Group(group, msg.backend, msg.timeout, where)
+        return where
+
+    def destroy_group(self, group_name: str) -> None:
+        g = self.groups.pop(group_name, None)
+        if g is None:
+            raise WeightUpdateError(f"No weight-update group named {group_name!r}; known: {sorted(self.groups)}.")
+        destroy_process_group(g.group)
+
+    def from_distributed(self, msg: UpdateWeightsFromDistributedReq) -> UpdateReport:
+        """Receive the whole request's tensors from rank 0, then copy them in.
+
+        Announced specs that do not fit the model are still received (into scratch buffers) before the
+        refusal, so the trainer's broadcast completes instead of blocking until the group timeout.
+        """
+        g = self.groups.get(msg.group_name)
+        if g is None:
+            raise WeightUpdateError(f"No weight-update group named {msg.group_name!r}; call "
+                                    f"/init_weights_update_group first (known: {sorted(self.groups)}).")
+        if msg.load_format not in DISTRIBUTED_LOAD_FORMATS:
+            raise WeightUpdateError(f"load_format={msg.load_format!r} is not supported; use null (one broadcast "
+                                    "per tensor) or 'flattened_bucket'.")
+        try:
+            specs = TensorSpecs(msg.names, msg.dtypes, msg.shapes)
+            for d in specs.dtypes:
+                parse_dtype(d)
+        except ValueError as e:  # cannot even size the buffers: nothing to drain
+            raise WeightUpdateError(f"Bad tensor specs: {e}") from None
+        refusal: WeightUpdateError | None = None
+        try:
+            self._check_usable()
+            check_specs(self.model, specs)
+        except WeightUpdateError as e:
+            refusal = e
+        device = "cpu" if g.backend == "gloo" else self.device
+        if msg.load_format == "flattened_bucket":
+            stream = receive_buckets(g.group, [layout_bucket(specs)], device=device)
+        else:
+            stream = receive_tensors(g.group, specs, device=device)
+        try:
+            named = list(stream)
+        except BroadcastError as e:
+            raise BroadcastError(f"{e} (group {msg.group_name!r}: {g.where}, timeout {g.timeout:g} s)") from e
+        if refusal is not None:
+            raise refusal
+        return apply_named_tensors(self.model, named, digest=False)
+
+    def dead_groups(self) -> list[str]:
+        """Groups whose trainer is gone: its store (hosted in the trainer's process) no longer answers."""
+        from torch.distributed import distributed_c10d as c10d
+
+        dead = []
+        for name, g in self.groups.items():
+            try:
+                c10d._world.pg_map[g.group][1].check(["liveness"])
+            except Exception:
+                dead.append(name)
+        return dead
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def get_weights(self, name: str, truncate_size: int) -> list:
+        """The first `truncate_size` rows (elements of a vector) of an HF-named weight, as nested lists."""
+        self._check_usable()
+        try:
+            target = self.model.weight_target(name)
+        except KeyError:
+            raise WeightUpdateError(f"Unknown weight {name}: the model has no parameter of that name.") from None
+        if target is None:
+            if name == "lm_head.weight" and getattr(self.model, "tie_word_embeddings", False):
+                target = self.model.weight_target("model.embed_tokens.weight")  # tied: the same tensor
+            else:
+                raise WeightUpdateError(f"Weight {name} is not kept by the model (a computed buffer).")
+        return target[:truncate_size].detach().float().cpu().tolist()
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Free the parameters' memory; on an accelerator keep a CPU copy to restore on resume. On the CPU
+        there is nowhere cheaper to keep them: the values are dropped and must be pushed again."""
+        if self.released:
+            return
+        seen: set[int] = set()
+        for p in self.model.parameters():
+            storage = p.data.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            backup = None
+            if self.device.type != "cpu":
+                backup = torch.empty(storage.nbytes(), dtype=torch.uint8)
+                backup.untyped_storage().copy_(storage)
+            self._storages.append((storage, storage.nbytes(), backup))
+            storage.resize_(0)  # the Parameter objects (and views into them) stay; only memory goes
+        self.released = True
+
+    def resume(self) -> bool:
+        """Take the memory again; True when the old values came back (a CPU backup existed)."""
+        if not self.released:
+            return True
+        restored = True
+        for storage, nbytes, backup in self._storages:
+            storage.resize_(nbytes)
+            if backup is not None:
+                storage.copy_(backup.untyped_storage())
+            else:
+                restored = False
+        self._storages.clear()
+        self.released = False
+        return restored

@@ -1,0 +1,171 @@
+"""Weight-update speed against the raw operations underneath, in one run: `python -m sync.bench`.
+
+- disk: Engine.update_weights_from_disk (validate headers, copy in place, flush) vs reading the same
+  safetensors tensors and `copy_` into the same parameters.
+- broadcast: a trainer process pushes every weight in gloo buckets, received by Engine.update_weights_
+  from_distributed (one request per bucket) vs one raw `dist.broadcast` of the same bytes as one flat
+  tensor between the same two processes, on the same group.
+- control: pause_generation + a zero-byte update + continue_generation, in ms.
+
+Goals (issue 4): disk at most 1.3x raw, broadcast at most 1.2x raw, control at most 50 ms. Defaults to
+SmolLM2-135M in fp32 (about 540 MB); `--tiny` runs a small random model to check the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+GROUP = "bench_weight_group"
+
+
+def _trainer(port: int, names: list[str], ckpt: str, bucket_bytes: int, repeats: int, go, done) -> None:
+    """Rank 0: for each repeat, one bucketed push, then one raw flat broadcast of the same bytes."""
+    torch.set_num_threads(1)
+    from sync import WeightSender, init_custom_process_group, iterate_checkpoint, tcp_init_method
+
+    tensors = dict(iterate_checkpoint(ckpt))
+    named = [(n, tensors[n].contiguous()) for n in names]
+    group = init_custom_process_group("gloo", tcp_init_method("127.0.0.1", port), 2, 0, GROUP, timeout=300)
+    sender = WeightSender(group, bucket_bytes=bucket_bytes)
+    flat = torch.empty(sum(t.nbytes for _, t in named), dtype=torch.uint8)
+    for _ in range(repeats):
+        assert go.get() == "update"
+        sender.send_buckets(named)
+        assert go.get() == "raw"
+        dist.broadcast(flat, group=group, group_src=0)
+    done.put("ok")
+    go.get()  # the receiver leaves the group first
+    dist.destroy_process_group(group)
+
+
+def _best(times: list[float]) -> float:
+    return min(times)
+
+
+def bench_disk(eng, model_path: str, repeats: int) -> tuple[float, float]:
+    from sync import iterate_checkpoint
+
+    model = eng.runner.model
+    ours, raw = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ok, msg = eng.update_weights_from_disk(model_path)
+        ours.append(time.perf_counter() - t0)
+        assert ok, msg
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for name, tensor in iterate_checkpoint(model_path):
+                target = model.weight_target(name)
+                if target is not None:
+                    target.copy_(tensor)
+        raw.append(time.perf_counter() - t0)
+    return _best(ours), _best(raw)
+
+
+def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int) -> tuple[float, float, int]:
+    from rollout.testing import free_port
+    from sync import plan_buckets
+
+    model = eng.runner.model
+    names = [n for n in model.hf_weight_names() if model.weight_target(n) is not None]
+    specs = [(n, list(model.weight_target(n).shape), model.weight_target(n).dtype) for n in names]
+    metas = plan_buckets(specs, bucket_bytes)
+    total = sum(m.buffer_nbytes() for m in metas)
+    ctx = mp.get_context("spawn")
+    go, done = ctx.Queue(), ctx.Queue()
+    port = free_port()
+    proc = ctx.Process(target=_trainer, args=(port, names, model_path, bucket_bytes, repeats, go, done), daemon=True)
+    proc.start()
+    ok, msg = eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=GROUP, backend="gloo", timeout=300)
+    assert ok, msg
+    group = eng.scheduler.controller.updater.groups[GROUP].group
+    flat = torch.empty(total, dtype=torch.uint8)
+    ours, raw = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        go.put("update")
+        for meta in metas:
+            ok, msg = eng.update_weights_from_distributed(meta.names, meta.dtypes, meta.shapes, group_name=GROUP,
+                                                          load_format="flattened_bucket")
+            assert ok, msg
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        go.put("raw")
+        dist.broadcast(flat, group=group, group_src=0)
+        raw.append(time.perf_counter() - t0)
+    assert done.get(timeout=300) == "ok"
+    eng.destroy_weights_update_group(GROUP)
+    go.put("bye")
+    proc.join(60)
+    return _best(ours), _best(raw), total
+
+
+def bench_control(eng, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        assert eng.pause_generation("in_place")[0]
+        assert eng.update_weights_from_tensor([])[0]
+        assert eng.continue_generation()[0]
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", help="HF checkpoint directory (default: the embedded SmolLM2)")
+    parser.add_argument("--tiny", action="store_true", help="a small random model: checks the script, not speed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=float, default=64)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+
+    from runtime.engine import Engine
+
+    tmp = None
+    if args.tiny:
+        from rollout.testing import make_tiny_model_dir
+        tmp = tempfile.TemporaryDirectory()
+        model_path = make_tiny_model_dir(tmp.name, hidden_size=64, num_layers=2)
+    elif args.model_path:
+        model_path = args.model_path
+    else:
+        from runtime.default_model import default_model_path
+        model_path = default_model_path()
+    eng = Engine(model_path, dtype="float32", device="cpu", skip_tokenizer_init=True, max_total_tokens=4096,
+                 progress=False)
+    try:
+        disk, disk_raw = bench_disk(eng, model_path, args.repeats)
+        bc, bc_raw, nbytes = bench_broadcast(eng, model_path, int(args.bucket_mb * 2**20), args.repeats)
+        control_ms = bench_control(eng, max(args.repeats * 10, 20))
+    finally:
+        eng.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    result = {
+        "model_path": model_path, "bytes": nbytes, "torch_threads": torch.get_num_threads(),
+        "disk_s": disk, "disk_raw_s": disk_raw, "disk_ratio": disk / disk_raw,
+        "broadcast_s": bc, "broadcast_raw_s": bc_raw, "broadcast_ratio": bc / bc_raw,
+        "control_ms": control_ms,
+        "goals_met": {"disk<=1.3x": disk / disk_raw <= 1.3, "broadcast<=1.2x": bc / bc_raw <= 1.2,
+                      "control<=50ms": control_ms <= 50},
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"model {model_path}: {nbytes / 2**20:.1f} MiB of weights")
+    print(f"disk update       {disk:8.3f} s   raw load+copy_   {disk_raw:8.3f} s   ratio {disk / disk_raw:5.2f} (goal <= 1.3)")
+    print(f"broadcast update  {bc:8.3f} s   raw flat bcast   {bc_raw:8.3f} s   ratio {bc / bc_raw:5.2f} (goal <= 1.2)")
+    print(f"control           {control_ms:8.2f} ms  pause + zero-byte update + continue (goal <= 50 ms)")
+
+
+if __name__ == "__main__":
+    main()

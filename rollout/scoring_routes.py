@@ -35,7 +35,7 @@ def add_scoring_routes(app: FastAPI, tm: TokenizerManager) -> None:
         return traits["limits"]
 
     async def run(request: Request, norm: NormalizedScoring, start: float) -> list[ScoringCollector]:
-        collectors = [ScoringCollector(r, start) for r in norm.requests]
+        collectors = norm.collectors(start)
         try:
             call = tm.submit_builders(collectors, norm.is_batch)
         except ValueError as e:  # an rid already in flight

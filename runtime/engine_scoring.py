@@ -21,7 +21,7 @@ class EngineScoring:
                             self.runner.context_len)
 
     def _run_scoring(self, norm: NormalizedScoring) -> list[ScoringCollector]:
-        collectors = [ScoringCollector(r) for r in norm.requests]
+        collectors = norm.collectors()
         queues: list[queue.SimpleQueue[RequestOutput]] = self._submit(norm)
         try:
             for c, q in zip(collectors, queues):

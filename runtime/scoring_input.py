@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from runtime.messages import EmbedRequest, GenerateRequest
 from runtime.sampling_params import SamplingParams
+from runtime.scoring_output import ScoringCollector
 
 
 @dataclass
@@ -20,12 +21,18 @@ class ModelLimits:
     vocab_size: int
     context_len: int           # inputs must be shorter than this
     token_types: bool          # a BERT-style encoder: send segment ids
+    pad_token_id: int | None = None  # a reward head pools the last token that is not this one
 
 
 @dataclass
 class NormalizedScoring:
     is_batch: bool
     requests: list[GenerateRequest] | list[EmbedRequest]
+    prompt_tokens: list[int] | None = None   # the client's counts, where requests run fewer tokens
+
+    def collectors(self, start_time: float | None = None) -> list[ScoringCollector]:
+        counts = self.prompt_tokens or [None] * len(self.requests)
+        return [ScoringCollector(r, start_time, n) for r, n in zip(self.requests, counts)]
 
 
 def _short(value: Any) -> str:
@@ -103,9 +110,20 @@ def normalize_embed(text: Any, input_ids: Any, rid: Any, tokenizer: PreTrainedTo
         types = [None] * len(prompts)
     for p in prompts:
         _check_ids("input_ids" if input_ids is not None else "text (tokenized)", p, limits)
+    counts = [len(p) for p in prompts]
+    if limits.pad_token_id is not None:  # see runtime/models/sequence_classification.py
+        prompts = [_strip_trailing(p, limits.pad_token_id) for p in prompts]
     rids = _rids(rid, len(prompts), is_batch)
     reqs = [EmbedRequest(rid=r, input_ids=p, token_type_ids=t) for r, p, t in zip(rids, prompts, types)]
-    return NormalizedScoring(is_batch=is_batch, requests=reqs)
+    return NormalizedScoring(is_batch=is_batch, requests=reqs, prompt_tokens=counts)
+
+
+def _strip_trailing(ids: list[int], pad: int) -> list[int]:
+    """Without trailing `pad` tokens (all pads: the first token, where transformers pools then)."""
+    end = len(ids)
+    while end > 1 and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]
 
 
 # --- /v1/score --------------------------------------------------------------------------------------
@@ -202,7 +220,9 @@ def model_limits(hf_config: Any, is_embedding: bool, vocab_size: int, context_le
     from runtime.models.registry import get_model_class
     cls = get_model_class(list(getattr(hf_config, "architectures", None) or []), is_embedding)
     token_types = bool(getattr(cls, "bidirectional", False)) and getattr(hf_config, "type_vocab_size", 1) > 1
-    return ModelLimits(vocab_size=vocab_size, context_len=context_len, token_types=token_types)
+    pad = getattr(hf_config, "pad_token_id", None) if getattr(cls, "pools_last_non_pad", False) else None
+    return ModelLimits(vocab_size=vocab_size, context_len=context_len, token_types=token_types,
+                       pad_token_id=pad)
 
 
 def is_cross_encoder(hf_config: Any, is_embedding: bool) -> bool:

@@ -18,19 +18,23 @@ class ScoringCollector:
     """Duck-types runtime/response.py's ResponseBuilder (req, add, finished, to_dict) so the Engine and
     the HTTP front end track scoring requests exactly like generation ones."""
 
-    def __init__(self, req: EmbedRequest | GenerateRequest, start_time: float | None = None):
+    def __init__(self, req: EmbedRequest | GenerateRequest, start_time: float | None = None,
+                 prompt_tokens: int | None = None):
+        """`prompt_tokens`: the client's token count when the request runs fewer (trailing pads dropped)."""
         self.req = req
         self.start_time = start_time if start_time is not None else time.monotonic()
         self.finished = False
         self.finish_reason: dict | None = None
-        self.prompt_tokens = len(req.input_ids)
+        self.client_prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(req.input_ids) if prompt_tokens is None else prompt_tokens
         self.cached_tokens = 0
         self.weight_version = ""
         self.embedding: list[float] | None = None
         self.token_ids_logprobs: list[tuple[float, int]] | None = None
 
     def add(self, out: RequestOutput) -> None:
-        self.prompt_tokens = out.prompt_tokens
+        if self.client_prompt_tokens is None:
+            self.prompt_tokens = out.prompt_tokens
         self.cached_tokens = out.cached_tokens
         self.weight_version = out.weight_version
         if out.embedding is not None:

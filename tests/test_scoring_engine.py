@@ -19,6 +19,7 @@ from runtime.engine import Engine
 from sync.disk import update_weights_from_disk
 
 SEQS = [list(range(5, 45)), [30, 31, 32], list(range(5, 45)) + [50, 51], [7] * 70]
+PAD = 2  # the tiny models' eos, which make_reward_model_dir makes the pad token too
 
 
 def engine(path: str, **kw) -> Engine:
@@ -50,6 +51,12 @@ def test_reward_head_matches_transformers(tiny_model_dir, tmp_path, family):
     with engine(path, is_embedding=True, skip_tokenizer_init=True, chunked_prefill_size=16) as eng:
         outs = eng.encode(input_ids=SEQS)
         single = eng.encode(input_ids=SEQS[1])
+        # transformers pools the last token that is not the pad token (a trailing end-of-turn = pad).
+        padded = eng.encode(input_ids=[SEQS[1] + [PAD, PAD], [PAD, PAD]])
+    assert padded[0]["embedding"] == pytest.approx(outs[1]["embedding"], abs=1e-5)
+    for seq, out in zip([SEQS[1] + [PAD, PAD], [PAD, PAD]], padded):
+        torch.testing.assert_close(torch.tensor(out["embedding"]), ref(torch.tensor([seq])).logits[0], atol=1e-4,
+                                   rtol=0)
     assert isinstance(single, dict) and single["embedding"] == pytest.approx(outs[1]["embedding"], abs=1e-5)
     for seq, out in zip(SEQS, outs):
         want = ref(torch.tensor([seq])).logits[0]

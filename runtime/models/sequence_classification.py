@@ -1,7 +1,9 @@
 """Reward models: Llama / Qwen2 ForSequenceClassification, a linear `score` head on the last token.
 
-transformers pools the last non-pad token of a padded batch; the scheduler packs sequences without
-padding, so the last token of each sequence is that token.
+transformers pools the last token that is not `pad_token_id` (so a chat ending in an end-of-turn token
+that doubles as the pad token, as SmolLM2's <|im_end|>, is scored on the token before it). The front end
+drops such trailing tokens before scheduling (runtime/scoring_input.py): the model is causal, so the
+hidden state of the last kept token is the same with or without them, and the head reads the last token.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from runtime.models.registry import register_scoring_model
 
 @register_scoring_model("LlamaForSequenceClassification")
 class LlamaForSequenceClassification(DecoderWithHead):
+    pools_last_non_pad = True
+
     def build_head(self, config: PretrainedConfig) -> None:
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 

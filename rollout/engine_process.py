@@ -21,7 +21,8 @@ from typing import Any
 import zmq
 
 from rollout.ipc import InputCodec, IpcAddresses, OutputCodec, configure
-from runtime.messages import (AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady, GenerateRequest, HealthCheckRequest,
+from runtime.messages import (AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady, GenerateRequest,
+                              HealthCheckRequest,
                               HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 from runtime.server_args import ServerArgs
 

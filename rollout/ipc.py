@@ -17,13 +17,12 @@ import msgspec
 import zmq
 
 from runtime.messages import (AbortRequest, AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady,
-                              FlushCacheRequest,
-                              FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
-                              RequestOutput, ServerStateRequest, ServerStateResult)
+                              FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
+                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 
 # HTTP process -> engine process.
-EngineInput = (GenerateRequest | EmbedRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest | HealthCheckRequest
-               | ServerStateRequest)
+EngineInput = (GenerateRequest | EmbedRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest
+               | HealthCheckRequest | ServerStateRequest)
 # Engine process -> HTTP process.
 EngineOutput = (RequestOutput | FlushCacheResult | HealthCheckResult | ServerStateResult | EngineReady
                 | EngineFailed)

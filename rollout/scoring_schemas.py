@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.schemas import SGLANG_IGNORED_FIELDS, SGLANG_UNSUPPORTED_FIELDS, BadRequest, _is_empty, short, _check_ints
+from rollout.schemas import (SGLANG_IGNORED_FIELDS, SGLANG_UNSUPPORTED_FIELDS, BadRequest, _check_ints, _is_empty,
+                             short)
 
 ENCODE_FIELDS = {"text": None, "input_ids": None, "rid": None}
 SCORE_FIELDS = {"query": None, "items": None, "label_token_ids": None, "apply_softmax": False,

@@ -34,7 +34,8 @@ class PackedLayout:
 
     def mean(self, h: torch.Tensor) -> torch.Tensor:
         """Per-sequence mean of token rows h [T, D] -> [B, D] (sentence-transformers' mean pooling)."""
-        sums = torch.zeros(len(self.seq_lens), h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, self.seq_ids, h)
+        sums = torch.zeros(len(self.seq_lens), h.shape[1], dtype=h.dtype, device=h.device)
+        sums.index_add_(0, self.seq_ids, h)
         return sums / self.seq_lens[:, None].to(h.dtype)
 
 

@@ -24,8 +24,8 @@ from rollout.engine_process import EngineProcess
 from rollout.ipc import InputCodec, OutputCodec, configure
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
 from runtime.messages import (AbortRequest, AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady,
-                              FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
-                              RequestOutput, ServerStateRequest, ServerStateResult)
+                              FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
+                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 from runtime.response import ResponseBuilder
 from runtime.sampling_params import SamplingParams
 

@@ -23,6 +23,7 @@ from rollout.schemas import (BadRequest, parse_abort, parse_detokenize, parse_ge
                              parse_timeout, parse_tokenize)
 from rollout.tokenizer_manager import ClientDisconnected, EngineUnavailable, GenerateCall, TokenizerManager
 from rollout.weight_routes import add_weight_routes
+from runtime.scoring_input import NEEDS_GENERATION
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     async def generate(request: Request) -> Response:
         start = time.monotonic()
         tm.check_available()
+        if tm.args.is_embedding:
+            raise BadRequest(NEEDS_GENERATION.format(route="/generate"))
         body = parse_json_body(await request.body())
         inp = parse_generate(body, tm.info.vocab_size)
         try:
@@ -268,6 +271,8 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
 
     # --- weight updates and generation control (rollout/weight_routes.py) ------------------------
     add_weight_routes(app, tm, json_response, error_response)
+    from rollout.scoring_routes import add_scoring_routes  # imports this module's helpers
+    add_scoring_routes(app, tm)
 
     if tm.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=tm.args.api_key)

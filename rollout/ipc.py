@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from runtime.messages import (AbortRequest, AbortRequestsExact, ControlRequest, ControlResult, EngineFailed,
-                              EngineReady, FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
-                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
+from runtime.messages import (AbortRequest, AbortRequestsExact, ControlRequest, ControlResult, EmbedRequest,
+                              EngineFailed, EngineReady, FlushCacheRequest, FlushCacheResult, GenerateRequest,
+                              HealthCheckRequest, HealthCheckResult, RequestOutput, ServerStateRequest,
+                              ServerStateResult)
 
 # HTTP process -> engine process.
-EngineInput = (GenerateRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest | HealthCheckRequest
-               | ServerStateRequest | ControlRequest)
+EngineInput = (GenerateRequest | EmbedRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest
+               | HealthCheckRequest | ServerStateRequest | ControlRequest)
 # Engine process -> HTTP process.
 EngineOutput = (RequestOutput | FlushCacheResult | HealthCheckResult | ServerStateResult | EngineReady
                 | EngineFailed | ControlResult)

@@ -58,10 +58,15 @@ class LocalServer:
         self.proc: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, timeout: float = 300.0) -> "LocalServer":
+    def spawn(self) -> "LocalServer":
+        """Start the process without waiting (start several, then `wait_until_ready` each)."""
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ if self.env is None else self.env))
+        return self
+
+    def start(self, timeout: float = 300.0) -> "LocalServer":
+        self.spawn()
         try:
             self.wait_until_ready(timeout)
         except BaseException:

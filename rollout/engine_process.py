@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from rollout.ipc import InputCodec, IpcAddresses, OutputCodec, configure
-from runtime.messages import (AbortRequestsExact, EngineFailed, EngineReady, GenerateRequest, HealthCheckRequest,
+from runtime.messages import (AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady, GenerateRequest, HealthCheckRequest,
                               HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 from runtime.server_args import ServerArgs
 
@@ -53,7 +53,7 @@ class ServingScheduler:
             return [ServerStateResult(id=msg.id, state=self.state())]
         if isinstance(msg, AbortRequestsExact):
             return self.abort_exact(msg.rids, msg.message)
-        if isinstance(msg, GenerateRequest):
+        if isinstance(msg, (GenerateRequest, EmbedRequest)):
             try:
                 return self.scheduler.handle(msg)
             except ValueError as e:  # the front end checks first; never leave a client waiting
@@ -77,6 +77,8 @@ class ServingScheduler:
 
     def state(self) -> dict:
         s = self.scheduler
+        if hasattr(s, "live_state"):  # an encoder's scheduler: no KV pool or radix cache to report
+            return s.live_state()
         total = s.allocator.num_pages * s.page_size
         available = s.allocator.available_tokens()
         cached = s.cache.total_size()
@@ -154,9 +156,10 @@ def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> No
         push.close(linger=1000)
         sys.exit(1)
     runner = scheduler.runner
+    from runtime.scheduler_factory import max_total_num_tokens
     push.send(out_codec.encode([EngineReady(
         vocab_size=runner.vocab_size, context_len=runner.context_len,
-        max_total_num_tokens=scheduler.allocator.num_pages * scheduler.page_size,
+        max_total_num_tokens=max_total_num_tokens(scheduler),
         max_running_requests=args.max_running_requests, weight_version=scheduler.weight_version,
         device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""))]))
 
@@ -204,17 +207,12 @@ def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> No
 def _build_scheduler(args: ServerArgs):
     from transformers import AutoTokenizer
 
-    from runtime.model_runner import ModelRunner
-    from runtime.scheduler import Scheduler
-    from runtime.stop_checker import StopChecker
-    from runtime.tokenizer_info import eos_token_ids
+    from runtime.scheduler_factory import build_scheduler
 
-    runner = ModelRunner(args, progress=False)
     tokenizer = None
     if not args.skip_tokenizer_init:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
-    return Scheduler(runner, eos_token_ids(args.model_path, runner.hf_config, tokenizer),
-                     StopChecker(tokenizer) if tokenizer is not None else None)
+    return build_scheduler(args, tokenizer, progress=False)
 
 
 class EngineProcess:

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from rollout.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                              parse_timeout, parse_tokenize)
 from rollout.tokenizer_manager import ClientDisconnected, EngineUnavailable, GenerateCall, TokenizerManager
+from runtime.scoring_input import NEEDS_GENERATION
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     async def generate(request: Request) -> Response:
         start = time.monotonic()
         tm.check_available()
+        if tm.args.is_embedding:
+            raise BadRequest(NEEDS_GENERATION.format(route="/generate"))
         body = parse_json_body(await request.body())
         inp = parse_generate(body, tm.info.vocab_size)
         try:
@@ -264,6 +267,9 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
 
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
+
+    from rollout.scoring_routes import add_scoring_routes  # imports this module's helpers
+    add_scoring_routes(app, tm)
 
     if tm.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=tm.args.api_key)

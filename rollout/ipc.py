@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from runtime.messages import (AbortRequest, AbortRequestsExact, EngineFailed, EngineReady, FlushCacheRequest,
+from runtime.messages import (AbortRequest, AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady,
+                              FlushCacheRequest,
                               FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
                               RequestOutput, ServerStateRequest, ServerStateResult)
 
 # HTTP process -> engine process.
-EngineInput = (GenerateRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest | HealthCheckRequest
+EngineInput = (GenerateRequest | EmbedRequest | AbortRequest | AbortRequestsExact | FlushCacheRequest | HealthCheckRequest
                | ServerStateRequest)
 # Engine process -> HTTP process.
 EngineOutput = (RequestOutput | FlushCacheResult | HealthCheckResult | ServerStateResult | EngineReady

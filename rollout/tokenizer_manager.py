@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from rollout.engine_process import EngineProcess
 from rollout.ipc import InputCodec, OutputCodec, configure
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
-from runtime.messages import (AbortRequest, AbortRequestsExact, EngineFailed, EngineReady, FlushCacheRequest,
+from runtime.messages import (AbortRequest, AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady, FlushCacheRequest,
                               FlushCacheResult, GenerateRequest, HealthCheckRequest, HealthCheckResult,
                               RequestOutput, ServerStateRequest, ServerStateResult)
 from runtime.response import ResponseBuilder
@@ -238,14 +238,20 @@ class TokenizerManager:
                start_time: float) -> GenerateCall:
         """Register the call's samples and send them; ValueError for an rid already in flight."""
         self.check_available()
-        for r in norm.requests:
-            if r.rid in self._slots:
-                raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs, start_time) for r in norm.requests]
-        call = GenerateCall(builders=builders, is_batch=norm.is_batch, stream=stream, remaining=len(builders))
-        for i, r in enumerate(norm.requests):
-            self._slots[r.rid] = _Slot(call, i)
-        self._send(list(norm.requests))
+        return self.submit_builders(builders, norm.is_batch, stream)
+
+    def submit_builders(self, builders: list[Any], is_batch: bool, stream: bool = False) -> GenerateCall:
+        """Send each builder's request (`builder.req`); builders are ResponseBuilders or anything with
+        the same add / finished / to_dict (runtime/scoring_output.py's ScoringCollector)."""
+        self.check_available()
+        for b in builders:
+            if b.req.rid in self._slots:
+                raise ValueError(f"Duplicate request id rid={b.req.rid!r}: a request with it is still running.")
+        call = GenerateCall(builders=builders, is_batch=is_batch, stream=stream, remaining=len(builders))
+        for i, b in enumerate(builders):
+            self._slots[b.req.rid] = _Slot(call, i)
+        self._send([b.req for b in builders])
         return call
 
     def abandon(self, call: GenerateCall) -> None:
@@ -339,9 +345,13 @@ class TokenizerManager:
         """Generate one token through the whole path."""
         self.check_available()
         rid = f"HEALTH_CHECK_{next(self._ids)}_{time.monotonic_ns()}"
-        req = GenerateRequest(rid=rid, input_ids=[0], sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
-        norm = NormalizedGenerate(is_batch=False, requests=[req])
-        call = self.submit(norm, False, False, time.monotonic())
+        if self.args.is_embedding:  # a scoring model generates nothing: score one token instead
+            from runtime.scoring_output import ScoringCollector
+            call = self.submit_builders([ScoringCollector(EmbedRequest(rid=rid, input_ids=[0]))], False)
+        else:
+            req = GenerateRequest(rid=rid, input_ids=[0],
+                                  sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
+            call = self.submit(NormalizedGenerate(is_batch=False, requests=[req]), False, False, time.monotonic())
         try:
             await asyncio.wait_for(self.wait(call), timeout)
         except asyncio.TimeoutError:

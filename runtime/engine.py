@@ -16,18 +16,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
 from runtime.messages import AbortRequest, FlushCacheRequest, FlushCacheResult, RequestOutput, SchedulerInput
-from runtime.model_runner import ModelRunner
+from runtime.engine_scoring import EngineScoring
 from runtime.response import ResponseBuilder
-from runtime.scheduler import Scheduler
+from runtime.scheduler_factory import build_scheduler
 from runtime.scheduler_loop import run_scheduler_loop
+from runtime.scoring_input import NEEDS_GENERATION
 from runtime.server_args import ServerArgs
-from runtime.stop_checker import StopChecker
-from runtime.tokenizer_info import eos_token_ids
 
 logger = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_scoring.py
     def __init__(self, model_path: str | None = None, progress: bool = True, **server_args: Any):
         unknown = set(server_args) - ServerArgs.field_names()
         if unknown:
@@ -39,11 +38,10 @@ class Engine:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if not self.args.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path)
-        self.runner = ModelRunner(self.args, progress=progress)
         stop_tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path) \
             if self.tokenizer is not None else None  # the scheduler thread decodes with its own copy
-        self.scheduler = Scheduler(self.runner, eos_token_ids(model_path, self.runner.hf_config, self.tokenizer),
-                                   StopChecker(stop_tokenizer) if stop_tokenizer else None)
+        self.scheduler = build_scheduler(self.args, stop_tokenizer, progress=progress)
+        self.runner = self.scheduler.runner
         self._inbox: queue.SimpleQueue[SchedulerInput] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiters: dict[str, queue.SimpleQueue[RequestOutput]] = {}
@@ -95,6 +93,8 @@ class Engine:
             self._waiters.pop(rid, None)
 
     def _normalize(self, inp: GenerateInput) -> NormalizedGenerate:
+        if self.args.is_embedding:
+            raise ValueError(NEEDS_GENERATION.format(route="generate"))
         tokenize = None
         if self.tokenizer is not None:
             tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731

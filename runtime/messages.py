@@ -24,6 +24,17 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     stream: bool = False
 
 
+class EmbedRequest(msgspec.Struct, tag=True, kw_only=True):
+    """Score one sequence with the model's head (/encode, /classify, /v1/rerank): no token is generated.
+
+    The answer is a RequestOutput whose `embedding` is the head's output for the last token (decoder
+    reward / embedding models) or the pooled sequence (encoders)."""
+
+    rid: str
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None   # segment ids of a sentence pair (BERT-style encoders)
+
+
 class AbortRequest(msgspec.Struct, tag=True, kw_only=True):
     rid: str = ""
     abort_all: bool = False
@@ -64,9 +75,10 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
     input_token_logprobs: list[float | None] | None = None
     input_top_logprobs: list[list[LogprobEntry] | None] | None = None
     input_token_ids_logprobs: list[list[LogprobEntry] | None] | None = None
+    embedding: list[float] | None = None   # an EmbedRequest's result, with its final output
 
 
-SchedulerInput = GenerateRequest | AbortRequest | FlushCacheRequest
+SchedulerInput = GenerateRequest | EmbedRequest | AbortRequest | FlushCacheRequest
 
 
 # --- the HTTP server's engine process (rollout/) ---------------------------------------------------

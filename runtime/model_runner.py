@@ -33,7 +33,7 @@ class ModelRunner:
         self.context_len = args.context_length or self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size
 
-        model_cls = get_model_class(list(getattr(self.hf_config, "architectures", None) or []))
+        model_cls = get_model_class(list(getattr(self.hf_config, "architectures", None) or []), args.is_embedding)
         with torch.device(self.device):
             model = model_cls(self.hf_config, max_positions=self.context_len)
         model.to(self.dtype)

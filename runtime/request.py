@@ -56,6 +56,10 @@ class Request:
     output_token_ids_logprobs: list[Any] = field(default_factory=list)
     output_weight_versions: list[str] = field(default_factory=list)
 
+    # An EmbedRequest: no token is sampled; the head's output at the last prompt token is the answer.
+    embed: bool = False
+    embedding: list[float] | None = None
+
     # How many output tokens the front end has been sent, and whether it has the input logprobs.
     sent_tokens: int = 0
     sent_input_logprobs: bool = False

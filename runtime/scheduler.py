@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.forward_batch import ForwardBatch
-from runtime.messages import (AbortRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
+from runtime.messages import (AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
                               RequestOutput, SchedulerInput)
 from runtime.model_runner import ModelRunner
 from runtime.page_allocator import PageAllocator
@@ -26,6 +26,7 @@ from runtime.radix_cache import RadixCache
 from runtime.req_to_token_pool import ReqToTokenPool
 from runtime.request import Request, RequestStatus
 from runtime.sampler import Sampler, logprob_entries, processed_logprobs
+from runtime.sampling_params import SamplingParams
 from runtime.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class Scheduler:
         if isinstance(msg, GenerateRequest):
             self.add_request(msg)
             return []
+        if isinstance(msg, EmbedRequest):
+            self.add_embed_request(msg)
+            return []
         if isinstance(msg, AbortRequest):
             return self.abort(msg.rid, msg.abort_all)
         if isinstance(msg, FlushCacheRequest):
@@ -91,6 +95,13 @@ class Scheduler:
         req = Request.from_message(msg, seed)
         self.requests[req.rid] = req
         self.waiting.append(req)
+
+    def add_embed_request(self, msg: EmbedRequest) -> None:
+        """Scoring is a prefill with no new token (chunked and prefix-cached like any prompt); the
+        model's compute_logits row of the last token (its head) is the answer."""
+        self.add_request(GenerateRequest(rid=msg.rid, input_ids=msg.input_ids,
+                                         sampling_params=SamplingParams(max_new_tokens=0)))
+        self.requests[msg.rid].embed = True
 
     def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list[RequestOutput]:
         """Abort requests whose rid starts with `rid` (or all); they answer with their partial output."""
@@ -419,6 +430,8 @@ class Scheduler:
             req = scheduled[i].req
             if req.sampling_params.max_new_tokens == 0:
                 req.finish_reason = {"type": "length", "length": 0}
+                if req.embed:
+                    req.embedding = logits[sample_rows[i]].tolist()
         if not todo:
             return
         reqs = [scheduled[i].req for i, _ in todo]
@@ -467,7 +480,7 @@ class Scheduler:
         out = RequestOutput(
             rid=req.rid, new_token_ids=new, prompt_tokens=len(req.input_ids), cached_tokens=req.cached_tokens,
             weight_version=self.weight_version, finished=req.finished, finish_reason=req.finish_reason,
-            output_token_weight_versions=req.output_weight_versions[k:])
+            output_token_weight_versions=req.output_weight_versions[k:], embedding=req.embedding)
         if req.return_logprob:
             out.output_token_logprobs = req.output_token_logprobs[k:]
             out.output_top_logprobs = req.output_top_logprobs[k:]

@@ -1,0 +1,109 @@
+"""The Scoring routes of API.md: /encode and /classify (one handler), /v1/score, /v1/rerank.
+
+A call's texts become one scheduler request each, sent together, so a batch of hundreds is one HTTP call
+and a few batched forward passes. Checks shared with Engine.encode / score / rerank live in
+runtime/scoring_input.py; this module adds the HTTP shapes and the per-server-kind 400s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from rollout.http_server import _watch_disconnect, json_response
+from rollout.schemas import BadRequest, parse_json_body
+from rollout.scoring_schemas import parse_encode, parse_rerank, parse_score
+from rollout.tokenizer_manager import ClientDisconnected, TokenizerManager
+from runtime.scoring_input import (NEEDS_CROSS_ENCODER, NEEDS_EMBEDDING, NEEDS_GENERATION, ModelLimits,
+                                   NormalizedScoring, is_cross_encoder, model_limits, normalize_embed,
+                                   normalize_rerank, normalize_score, rerank_results)
+from runtime.scoring_output import ScoringAborted, ScoringCollector
+
+
+def add_scoring_routes(app: FastAPI, tm: TokenizerManager) -> None:
+    traits: dict[str, object] = {}
+
+    def limits() -> ModelLimits:
+        tm.check_available()
+        if "limits" not in traits:  # the engine's vocabulary and context are known once it is ready
+            traits["limits"] = model_limits(tm.hf_config, tm.args.is_embedding, tm.info.vocab_size,
+                                            tm.info.context_len)
+            traits["cross_encoder"] = is_cross_encoder(tm.hf_config, tm.args.is_embedding)
+        return traits["limits"]
+
+    async def run(request: Request, norm: NormalizedScoring, start: float) -> list[ScoringCollector]:
+        collectors = norm.collectors(start)
+        try:
+            call = tm.submit_builders(collectors, norm.is_batch)
+        except ValueError as e:  # an rid already in flight
+            raise BadRequest(str(e)) from None
+        watcher = asyncio.ensure_future(_watch_disconnect(request, tm, call))
+        try:
+            await tm.wait(call)
+        finally:
+            watcher.cancel()
+            if not call.finished:
+                tm.abandon(call)
+        return collectors
+
+    def checked(fn, *args):
+        """Run a runtime/scoring_input.py check or a result renderer; its ValueError is the client's 400."""
+        try:
+            return fn(*args)
+        except (ValueError, ScoringAborted) as e:
+            raise BadRequest(str(e)) from None
+
+    async def encode(request: Request) -> Response:
+        start = time.monotonic()
+        lim = limits()
+        route = request.url.path
+        if not tm.args.is_embedding:
+            raise BadRequest(NEEDS_EMBEDDING.format(route=route))
+        f = parse_encode(parse_json_body(await request.body()), route)
+        norm = checked(normalize_embed, f["text"], f["input_ids"], f["rid"], tm.tokenizer, lim)
+        try:
+            collectors = await run(request, norm, start)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        results = [checked(c.to_dict) for c in collectors]
+        return json_response(results if norm.is_batch else results[0])
+
+    async def score(request: Request) -> Response:
+        lim = limits()
+        if tm.args.is_embedding:
+            raise BadRequest(NEEDS_GENERATION.format(route="/v1/score"))
+        f = parse_score(parse_json_body(await request.body()))
+        norm = checked(normalize_score, f["query"], f["items"], f["label_token_ids"], f["apply_softmax"],
+                       f["item_first"], tm.tokenizer, lim)
+        try:
+            collectors = await run(request, norm, time.monotonic())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        scores = [checked(c.label_scores, f["label_token_ids"], f["apply_softmax"]) for c in collectors]
+        prompt_tokens = sum(c.prompt_tokens for c in collectors)
+        return json_response({"scores": scores, "model": f["model"] or tm.args.model_path, "object": "scoring",
+                              "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                        "total_tokens": prompt_tokens}})
+
+    async def rerank(request: Request) -> Response:
+        lim = limits()
+        if not traits["cross_encoder"]:
+            archs = getattr(tm.hf_config, "architectures", None)
+            raise BadRequest(NEEDS_CROSS_ENCODER.format(route="/v1/rerank", archs=archs))
+        f = parse_rerank(parse_json_body(await request.body()))
+        norm = checked(normalize_rerank, f["query"], f["documents"], f["top_n"], f["return_documents"],
+                       tm.tokenizer, lim)
+        try:
+            collectors = await run(request, norm, time.monotonic())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        scores = [checked(c.to_dict)["embedding"][0] for c in collectors]
+        return json_response(rerank_results(scores, f["documents"], f["top_n"], f["return_documents"]))
+
+    app.add_api_route("/encode", encode, methods=["POST"])
+    app.add_api_route("/classify", encode, methods=["POST"])
+    app.add_api_route("/v1/score", score, methods=["POST"])
+    app.add_api_route("/v1/rerank", rerank, methods=["POST"])

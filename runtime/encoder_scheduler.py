@@ -1,0 +1,135 @@
+"""Batches EmbedRequests for a bidirectional encoder: whole sequences, packed, up to a token budget.
+
+Same interface as runtime/scheduler.py's Scheduler (handle / step / abort / has_work), so the scheduler
+loop, the in-process Engine and the server's engine process drive it unchanged. There is no KV and no
+chunking: an encoder's token attends to later ones, so a sequence runs in one pass or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+
+from runtime.encoder_runner import EncoderRunner
+from runtime.messages import (AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
+                              RequestOutput, SchedulerInput)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class EncoderRequest:
+    rid: str
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    finish_reason: dict | None = None
+    embedding: list[float] | None = None
+
+
+class EncoderScheduler:
+    def __init__(self, runner: EncoderRunner):
+        self.runner = runner
+        self.args = runner.args
+        self.weight_version = runner.args.weight_version
+        # The budget is per step; a sequence longer than it still runs, alone.
+        self.max_batch_tokens = runner.args.chunked_prefill_size
+        self.waiting: deque[EncoderRequest] = deque()
+        self.running: list[EncoderRequest] = []   # only during a step: nothing stays between steps
+        self.requests: dict[str, EncoderRequest] = {}
+        self.forward_steps = 0
+
+    def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
+        if isinstance(msg, EmbedRequest):
+            self.add_request(msg)
+            return []
+        if isinstance(msg, AbortRequest):
+            return self.abort(msg.rid, msg.abort_all)
+        if isinstance(msg, FlushCacheRequest):  # nothing is cached
+            return [FlushCacheResult(success=not self.requests,
+                                     message="Cache flushed." if not self.requests else
+                                     "Cache not flushed: there are running or waiting requests.")]
+        if isinstance(msg, GenerateRequest):
+            raise ValueError(f"Request {msg.rid!r}: an encoder model cannot generate.")
+        raise TypeError(f"Unknown scheduler message {type(msg).__name__}")
+
+    def add_request(self, msg: EmbedRequest) -> None:
+        if msg.rid in self.requests:
+            raise ValueError(f"Duplicate request id rid={msg.rid!r}: a request with it is still running.")
+        req = EncoderRequest(msg.rid, list(msg.input_ids), msg.token_type_ids)
+        self.requests[req.rid] = req
+        self.waiting.append(req)
+
+    def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list[RequestOutput]:
+        outputs = []
+        for req in list(self.requests.values()):
+            if abort_all or req.rid.startswith(rid):
+                req.finish_reason = {"type": "abort", "message": message}
+                self._finish(req)
+                outputs.append(self._output(req))
+        return outputs
+
+    def has_work(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self) -> list[RequestOutput]:
+        batch: list[EncoderRequest] = []
+        tokens = 0
+        while self.waiting and (not batch or tokens + len(self.waiting[0].input_ids) <= self.max_batch_tokens):
+            req = self.waiting.popleft()
+            batch.append(req)
+            tokens += len(req.input_ids)
+        self.running = batch
+        try:
+            pooled = self.runner.forward([r.input_ids for r in batch], [r.token_type_ids for r in batch])
+        finally:
+            self.running = []
+        self.forward_steps += 1
+        outputs = []
+        for req, row in zip(batch, pooled.tolist()):
+            req.embedding = row
+            req.finish_reason = {"type": "length", "length": 0}
+            self._finish(req)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _finish(self, req: EncoderRequest) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.requests.pop(req.rid, None)
+
+    def _output(self, req: EncoderRequest) -> RequestOutput:
+        return RequestOutput(rid=req.rid, new_token_ids=[], prompt_tokens=len(req.input_ids), cached_tokens=0,
+                             weight_version=self.weight_version, finished=True, finish_reason=req.finish_reason,
+                             embedding=req.embedding)
+
+    # --- checks for tests and metrics -----------------------------------------------------------
+
+    def is_idle_clean(self) -> bool:
+        return not self.requests and not self.waiting and not self.running
+
+    @property
+    def max_total_num_tokens(self) -> int:
+        return self.max_batch_tokens
+
+    def live_state(self) -> dict:
+        """The keys of the decoder scheduler's live state that mean something without a KV pool."""
+        return {
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "num_engine_reqs": len(self.requests),
+            "max_total_num_tokens": self.max_batch_tokens,
+            "kv_available_tokens": 0,
+            "kv_used_tokens": 0,
+            "cache_tokens": 0,
+            "cache_evictable_tokens": 0,
+            "cache_protected_tokens": 0,
+            "token_usage": 0.0,
+            "idle_clean": self.is_idle_clean(),
+            "integrity_error": None,
+            "num_retractions": 0,
+            "forward_steps": self.forward_steps,
+            "weight_version": self.weight_version,
+            "engine_pid": os.getpid(),
+        }

@@ -39,10 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (the GRPO group)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--clip", type=float, default=0.2, help="PPO clip range of the importance ratio")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
-    p.add_argument("--trainer-threads", type=int, default=1)
+    p.add_argument("--trainer-threads", type=int, default=2,
+                   help="the server idles while the trainer steps (rollouts are synchronous), so both cores")
     p.add_argument("--server-threads", type=int, default=1)
     p.add_argument("--model-path", default=None, help="policy (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="grpo_out", help="folder for the log (JSONL) and the reward curve (PNG)")
@@ -101,8 +102,13 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, problems: lis
     return diffs, len(batch)
 
 
-def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[], object], title: str) -> list[StepLog]:
-    """The loop; `make_sync()` builds a BroadcastSync or DiskSync (after the servers are up)."""
+Scorer = Callable[[list[Problem], list[list[GenerateResult]]], list[list[float]]]
+
+
+def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[], object], title: str,
+        scorer: Scorer | None = None) -> list[StepLog]:
+    """The loop; `make_sync()` builds a BroadcastSync or DiskSync (after the servers are up); `scorer`
+    replaces the task's verifiable reward (the reward-model example)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from runtime.default_model import default_model_path
@@ -126,7 +132,8 @@ def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[],
                 t0 = time.monotonic()
                 problems = task.sample(args.prompts)
                 groups = client.generate([p.prompt_ids for p in problems], sampling, n=args.n, return_logprob=True)
-                rewards = [[task.reward(p, r.text or "") for r in g] for p, g in zip(problems, groups)]
+                rewards = (scorer(problems, groups) if scorer is not None else
+                           [[task.reward(p, r.text or "") for r in g] for p, g in zip(problems, groups)])
                 t1 = time.monotonic()
                 diffs, trained = train_step(model, opt, problems, groups, advantages(rewards), args.clip,
                                             args.micro_batch)

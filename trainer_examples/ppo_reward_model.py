@@ -15,8 +15,6 @@ import argparse
 import contextlib
 import os
 
-import torch
-
 import rollout
 from rollout import GenerateResult, RolloutClient
 from trainer_examples import grpo
@@ -50,13 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.out == "grpo_out":
         args.out = "ppo_rm_out"
-    from transformers import AutoTokenizer
-
     from runtime.default_model import default_model_path
 
     base = args.model_path or default_model_path()
     rm_path = make_reward_model(base, os.path.join(args.out, "reward_model"))
-    tokenizer = AutoTokenizer.from_pretrained(base)
     with contextlib.ExitStack() as stack:
         policy = rollout.LocalServer(base, num_threads=args.server_threads).spawn()
         stack.callback(policy.stop)
@@ -69,13 +64,10 @@ def main(argv: list[str] | None = None) -> None:
 
         def score(problems: list[Problem], groups: list[list[GenerateResult]]) -> list[list[float]]:
             seqs = [p.prompt_ids + r.output_ids for p, g in zip(problems, groups) for r in g]
-            raw = torch.tensor([r.reward for r in rm_client.classify(seqs)])
-            # Squash to [0, 1] for the curve; the advantages are normalized anyway.
-            squashed = torch.sigmoid((raw - raw.mean()) / (raw.std() + 1e-6) if len(raw) > 1 else raw).tolist()
+            raw = [r.reward for r in rm_client.classify(seqs)]  # the score head's logit, one per sample
             n = len(groups[0])
-            return [squashed[i * n:(i + 1) * n] for i in range(len(groups))]
+            return [raw[i * n:(i + 1) * n] for i in range(len(groups))]
 
-        del tokenizer
         grpo.run(args, client, lambda: BroadcastSync(client, verify=args.verify), "PPO-style, reward model", score)
 
 

@@ -16,13 +16,14 @@ def write_reward_png(path: str, rewards: Sequence[float], title: str = "mean rew
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        write_line_png(path, rewards)
+        write_line_png(path, rewards, lo=min(0.0, *rewards), hi=max(1.0, *rewards))
         return "builtin"
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     ax.plot(range(1, len(rewards) + 1), rewards, marker="o", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
-    ax.set_ylim(-0.02, 1.02)
+    if min(rewards, default=0) >= 0 and max(rewards, default=1) <= 1:
+        ax.set_ylim(-0.02, 1.02)  # a success rate: the full range, so progress reads at a glance
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

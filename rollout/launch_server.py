@@ -158,3 +158,17 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class _CallableModule(type(sys)):
+    """`rollout.launch_server` is both this CLI module and, called, the Python launcher
+    (rollout.local_server.launch_server): importing a submodule rebinds the package attribute of the same
+    name, so a plain function exported by rollout/__init__ would be shadowed once the CLI was imported."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from rollout.local_server import launch_server as _launch
+
+        return _launch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,73 @@
+"""Weight updates through the client on two live tiny servers: from disk and by one broadcast to both,
+with verification, versions (per token too), and refused updates surfaced with the servers' messages.
+Needs the weight-update routes (branch `weights`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pathlib import Path as _Path
+
+# The weight-update routes come with branch `weights`; until it is merged here there is nothing to test.
+_HAS_WEIGHT_ROUTES = (_Path(__file__).parents[1] / "rollout" / "weight_routes.py").is_file()
+
+from rollout import RolloutClient, WeightUpdateError
+from rollout.local_server import LocalServer
+from rollout.testing import make_tiny_model_dir
+from sync import iterate_checkpoint
+
+_skip = pytest.mark.skipif(not _HAS_WEIGHT_ROUTES, reason="needs the weight-update routes (branch weights)")
+pytestmark = [pytest.mark.timeout(180), _skip]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    d0 = make_tiny_model_dir(tmp_path_factory.mktemp("w0"), seed=0)
+    d1 = make_tiny_model_dir(tmp_path_factory.mktemp("w1"), seed=1)
+    servers = [LocalServer(d0, num_threads=1).spawn() for _ in range(2)]
+    try:
+        for s in servers:
+            s.wait_until_ready(180)
+        with RolloutClient([s.url for s in servers]) as c:
+            yield c, d0, d1
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_update_from_disk_on_every_server(setup) -> None:
+    c, d0, d1 = setup
+    replies = c.update_weights_from_disk(d1, weight_version="disk-1", verify=True)
+    assert [r.message for r in replies] == ["Succeeded to update model weights."] * 2
+    assert [i["weight_version"] for i in c.model_info()] == ["disk-1", "disk-1"]
+    with pytest.raises(WeightUpdateError, match="repository not found") as err:
+        c.update_weights_from_disk("/nonexistent/checkpoint")
+    assert len(err.value.results) == 2 and not any(r.success for r in err.value.results)
+    assert [i["weight_version"] for i in c.model_info()] == ["disk-1", "disk-1"]  # unchanged
+
+
+def test_one_broadcast_updates_both_servers(setup) -> None:
+    c, d0, _ = setup
+    group = c.init_weights_update_group(backend="gloo")
+    assert group.world_size == 3
+    try:
+        named = [(n, t * 0.5) for n, t in iterate_checkpoint(d0)]
+        replies = c.update_weights_from_distributed(group, named, weight_version="bc-1", verify=True,
+                                                    bucket_bytes=200_000)  # several buckets
+        assert all(r.success for r in replies)
+        groups = c.generate([[1, 2, 3], [4, 5, 6]], {"max_new_tokens": 3}, n=2, return_logprob=True)
+        assert {v for g in groups for r in g for v in r.output_weight_versions} == {"bc-1"}
+        assert {g[0].server for g in groups} == set(c.urls)
+        first = named[0]
+        with pytest.raises(WeightUpdateError, match="max \\|difference\\|"):
+            c.verify_weights([(first[0], first[1] + 1)])
+    finally:
+        c.destroy_weights_update_group(group)
+    assert group.destroyed
+
+
+def test_pause_and_continue(setup) -> None:
+    c, _, _ = setup
+    assert all(r.success for r in c.pause_generation("retract"))
+    assert all(r.success for r in c.continue_generation())
+    assert c.generate([[7, 8]], {"max_new_tokens": 2})[0][0].completion_tokens == 2

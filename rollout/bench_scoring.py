@@ -47,7 +47,7 @@ def make_texts(tokenizer, pairs: int, tokens: int, seed: int) -> list[str]:
 
 
 def time_server(path: str, texts: list[str], threads: int | None) -> tuple[float, list[float]]:
-    args = ["--model-path", path, "--is-embedding", "--log-level", "warning", "--chunked-prefill-size", "8192",
+    args = ["--model-path", path, "--is-embedding", "--log-level", "warning",
             "--max-running-requests", str(max(len(texts), 1))]
     if threads:
         args += ["--num-threads", str(threads)]

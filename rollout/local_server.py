@@ -43,13 +43,16 @@ class LocalServer:
     """`python -m rollout.launch_server` in a subprocess; a context manager that stops it on exit."""
 
     def __init__(self, model_path: str | None = None, *, host: str = "127.0.0.1", port: int | None = None,
-                 log_path: str | None = None, env: dict[str, str] | None = None, **server_args: Any):
+                 log_path: str | None = None, env: dict[str, str] | None = None, flags: list[str] = (),
+                 **server_args: Any):
+        """`flags`: raw CLI flags added after those made from `model_path` and `server_args`."""
         self.host = host
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self.api_key: str | None = server_args.get("api_key")
         self.args = [sys.executable, "-m", "rollout.launch_server", "--host", host, "--port", str(self.port),
-                     *server_flags(model_path=model_path, **server_args)]
+                     *server_flags(model_path=model_path, **server_args), *flags]
+        self._own_log = log_path is None  # a temporary log is removed after a clean exit
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="rollout-server-", suffix=".log")
             os.close(fd)
@@ -98,12 +101,13 @@ class LocalServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM (the server aborts in-flight requests and exits 0), SIGKILL after `timeout`."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Signal the server (SIGTERM: it aborts in-flight requests and exits 0), SIGKILL after `timeout`;
+        returns its exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -112,6 +116,8 @@ class LocalServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+            if self._own_log and self.proc.returncode == 0:
+                Path(self.log_path).unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> "LocalServer":

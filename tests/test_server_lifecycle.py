@@ -144,7 +144,7 @@ def test_engine_that_cannot_load_exits_1(model_dir, tmp_path):
         if not f.endswith(".safetensors"):
             (broken / f).write_bytes(open(os.path.join(model_dir, f), "rb").read())
     server = ServerProcess(["--model-path", str(broken)], log_path=str(tmp_path / "server.log"))
-    with pytest.raises(RuntimeError, match="exited with 1"):
+    with pytest.raises(RuntimeError, match="exited with code 1"):
         server.start(timeout=120)
     assert "The engine failed" in server.log() and "safetensors" in server.log()
     server.stop()

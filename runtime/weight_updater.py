@@ -184,12 +184,13 @@ class WeightUpdater:
         there is nowhere cheaper to keep them: the values are dropped and must be pushed again."""
         if self.released:
             return
-        seen: set[int] = set()
+        # Collect first: after resize_(0) a storage's data_ptr is 0, so deduplicating while resizing would
+        # list a storage shared by many parameters (runtime.flat_weights) once more, as empty.
+        storages: dict[int, torch.UntypedStorage] = {}
         for p in self.model.parameters():
             storage = p.data.untyped_storage()
-            if storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
+            storages.setdefault(storage.data_ptr(), storage)
+        for storage in storages.values():
             backup = None
             if self.device.type != "cpu":
                 backup = torch.empty(storage.nbytes(), dtype=torch.uint8)

@@ -10,8 +10,8 @@ the server's engine process share it through `Scheduler.handle`).
   the cache), and a cached prefix they hold is copied into slots of their own so the whole cache can be
   dropped. A request whose copy finds no memory is retracted instead (it recomputes under the new weights).
 - Failures: a refused update leaves the model untouched (old weights serve). A failure that leaves the
-  model a mix (a broken checkpoint copy, or a broadcast that breaks after earlier buckets of the same
-  update were applied) sets `scheduler.unusable`: generation is refused with that message (HTTP 503) and
+  model a mix (a broken checkpoint copy, a broadcast that breaks while received directly into the
+  weights, or one that breaks after earlier buckets of the same update were applied) sets `scheduler.unusable`: generation is refused with that message (HTTP 503) and
   in-flight requests are aborted, until the next successful update.
 """
 
@@ -45,7 +45,8 @@ MEMORY_TAGS = ("kv_cache", "weights")
 class Controller:
     def __init__(self, scheduler: "Scheduler"):
         self.s = scheduler
-        self.updater = WeightUpdater(scheduler.runner.model, scheduler.runner.device)
+        self.updater = WeightUpdater(scheduler.runner.model, scheduler.runner.device,
+                                     receive_mode=scheduler.runner.args.weight_update_receive)
         # Parts of an update (buckets, per-tensor requests without a weight_version) applied since the
         # last complete one: if the next part fails, the model holds a mix of two updates.
         self.partial_parts = 0
@@ -121,6 +122,9 @@ class Controller:
         if isinstance(e, CheckpointNotFoundError):
             return str(e)  # API.md's "Failed to get weights iterator: {path} (repository not found)."
         text = str(e).rstrip(".")
+        if isinstance(e, PartialUpdateError):  # the error says what was written (a file, a direct receive)
+            return (f"{prefix}{text}. The weights are now a mix of old and new; generation is refused until the "
+                    "next successful update.")
         if mixed:
             return (f"{prefix}{text}. The weights are now a mix of old and new (earlier parts of this update were "
                     "applied); generation is refused until the next successful update.")

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from runtime.attention.base import create_attention_backend
+from runtime.flat_weights import flatten_parameters
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
 from runtime.models.registry import get_model_class
@@ -39,6 +40,8 @@ class ModelRunner:
         model.to(self.dtype)
         model.model.rotary.float()  # cos/sin tables stay fp32, cast per step like transformers does
         load_model_weights(model, args.model_path, progress=progress)
+        # One storage in checkpoint order: broadcast buckets are received straight into the weights.
+        self.flat_weights = flatten_parameters(model)
         self.model = model.eval()
 
         attn = model.model.layers[0].self_attn

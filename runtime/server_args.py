@@ -32,6 +32,10 @@ class ServerArgs:
     attention_backend: str = "torch"
     deterministic: bool = False
     num_threads: int | None = None         # torch intra-op threads on CPU; None: torch's default
+    # Broadcast updates: "direct" receives into the parameters (as fast as a raw broadcast; a peer dying
+    # mid-broadcast leaves them unusable: 503 until the next good update), "buffered" receives whole first
+    # (the old weights keep serving on a dead peer). docs/api.md, "Weight updates".
+    weight_update_receive: str = "direct"
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -42,6 +46,9 @@ class ServerArgs:
             raise ValueError(f"chunked_prefill_size must be at least 1, got {self.chunked_prefill_size}.")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be at least 1, got {self.max_running_requests}.")
+        if self.weight_update_receive not in ("direct", "buffered"):
+            raise ValueError(f"weight_update_receive must be 'direct' or 'buffered', got "
+                             f"{self.weight_update_receive!r}.")
         if self.deterministic:
             # CPU GEMMs round differently for different batch sizes, so a batch-invariant mode needs
             # its own kernels; refusing is better than a flag that silently promises what it lacks.

@@ -3,9 +3,11 @@
 It knows the model and the weight-update groups, not the requests: `runtime.control.Controller` decides
 when an update runs and what the scheduler does around it. Every update validates before the first copy
 (names, shapes and dtypes against the model), so a refused update raises `WeightUpdateError` with the
-model untouched; a broadcast is received whole (one request's tensors) before anything is copied, so a
-peer that dies mid-broadcast also leaves the model untouched. Only a checkpoint file that breaks while
-being copied raises `PartialUpdateError` (the model is a mix).
+model untouched. A broadcast is received directly into the parameters where it can be (receive mode
+"direct", the default: see sync.model_receiver), so a peer that dies mid-broadcast raises
+`PartialUpdateError` (the model is a mix) as a checkpoint file that breaks while being copied does; in
+mode "buffered" a broadcast is received whole before anything is copied, and a dead peer leaves the model
+untouched (`BroadcastError`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import torch
 import torch.distributed as dist
 
 from runtime.messages import InitWeightsUpdateGroupReq, UpdateWeightsFromDistributedReq
-from sync.bucket import layout_bucket
 from sync.disk import update_weights_from_disk
-from sync.errors import BroadcastError, WeightUpdateError
+from sync.errors import BroadcastError, PartialUpdateError, WeightUpdateError
 from sync.named_tensors import apply_named_tensors
 from sync.process_group import destroy_process_group, init_custom_process_group, tcp_init_method
-from sync.receiver import receive_buckets, receive_tensors
+from sync.model_receiver import ModelReceiver
 from sync.report import UpdateReport
 from sync.safetensors_payload import decode_named_tensors
 from sync.specs import TensorSpecs, parse_dtype
@@ -43,8 +44,10 @@ class _Group:
 
 
 class WeightUpdater:
-    def __init__(self, model: torch.nn.Module, device: torch.device, tp_rank: int = 0):
+    def __init__(self, model: torch.nn.Module, device: torch.device, tp_rank: int = 0,
+                 receive_mode: str = "direct"):
         self.model = model
+        self.receiver = ModelReceiver(model, receive_mode)
         self.device = device
         self.tp_rank = tp_rank
         self.groups: dict[str, _Group] = {}
@@ -105,10 +108,11 @@ class WeightUpdater:
         g = self.groups.pop(group_name, None)
         if g is None:
             raise WeightUpdateError(f"No weight-update group named {group_name!r}; known: {sorted(self.groups)}.")
+        self.receiver.drop_scratch(group_name)
         destroy_process_group(g.group)
 
     def from_distributed(self, msg: UpdateWeightsFromDistributedReq) -> UpdateReport:
-        """Receive the whole request's tensors from rank 0, then copy them in.
+        """Receive one request's tensors from rank 0 into the model (sync.model_receiver says how).
 
         Announced specs that do not fit the model are still received (into scratch buffers) before the
         refusal, so the trainer's broadcast completes instead of blocking until the group timeout.
@@ -127,23 +131,23 @@ class WeightUpdater:
         except ValueError as e:  # cannot even size the buffers: nothing to drain
             raise WeightUpdateError(f"Bad tensor specs: {e}") from None
         refusal: WeightUpdateError | None = None
+        targets = None
         try:
             self._check_usable()
-            check_specs(self.model, specs)
+            targets = check_specs(self.model, specs)
         except WeightUpdateError as e:
             refusal = e
         device = "cpu" if g.backend == "gloo" else self.device
-        if msg.load_format == "flattened_bucket":
-            stream = receive_buckets(g.group, [layout_bucket(specs)], device=device)
-        else:
-            stream = receive_tensors(g.group, specs, device=device)
         try:
-            named = list(stream)
-        except BroadcastError as e:
-            raise BroadcastError(f"{e} (group {msg.group_name!r}: {g.where}, timeout {g.timeout:g} s)") from e
+            if msg.load_format == "flattened_bucket":
+                report = self.receiver.receive_bucket(g.group, msg.group_name, specs, targets, device)
+            else:
+                report = self.receiver.receive_tensors(g.group, specs, targets, device)
+        except (BroadcastError, PartialUpdateError) as e:
+            raise type(e)(f"{e} (group {msg.group_name!r}: {g.where}, timeout {g.timeout:g} s)") from e
         if refusal is not None:
             raise refusal
-        return apply_named_tensors(self.model, named, digest=False)
+        return report
 
     def dead_groups(self) -> list[str]:
         """Groups whose trainer is gone: its store (hosted in the trainer's process) no longer answers."""
@@ -180,18 +184,20 @@ class WeightUpdater:
         there is nowhere cheaper to keep them: the values are dropped and must be pushed again."""
         if self.released:
             return
-        seen: set[int] = set()
+        # Collect first: after resize_(0) a storage's data_ptr is 0, so deduplicating while resizing would
+        # list a storage shared by many parameters (runtime.flat_weights) once more, as empty.
+        storages: dict[int, torch.UntypedStorage] = {}
         for p in self.model.parameters():
             storage = p.data.untyped_storage()
-            if storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
+            storages.setdefault(storage.data_ptr(), storage)
+        for storage in storages.values():
             backup = None
             if self.device.type != "cpu":
                 backup = torch.empty(storage.nbytes(), dtype=torch.uint8)
                 backup.untyped_storage().copy_(storage)
             self._storages.append((storage, storage.nbytes(), backup))
             storage.resize_(0)  # the Parameter objects (and views into them) stay; only memory goes
+        self.receiver.drop_scratch()  # receive buffers too: a colocated trainer wants that memory
         self.released = True
 
     def resume(self) -> bool:

@@ -23,19 +23,40 @@ STORE_CHECK_EVERY = 0.5  # seconds between liveness checks of the trainer's stor
 _MAX_POLL = 0.005        # longest sleep between completion checks: the latency added to a long message
 
 
+class PendingBroadcast:
+    """A broadcast in flight (`broadcast(..., wait=False)`); `wait()` raises BroadcastError as `broadcast` does."""
+
+    def __init__(self, work: dist.Work, group: dist.ProcessGroup, what: str, watch_store: bool):
+        self.work, self.group, self.what, self.watch_store = work, group, what, watch_store
+
+    def wait(self) -> None:
+        try:
+            if self.watch_store:
+                _wait_watching_store(self.work, self.group, self.what)
+            self.work.wait()
+        except BroadcastError:
+            raise
+        except Exception as e:
+            raise BroadcastError(f"Broadcast of {self.what} on group {self.group.group_name!r} failed: {e}") from e
+
+
 def broadcast(tensor: torch.Tensor, group: dist.ProcessGroup, src: int, what: str, *,
-              watch_store: bool = False) -> None:
-    """Broadcast in place from group rank `src`; a dead or silent peer raises within the group timeout."""
+              watch_store: bool = False, wait: bool = True) -> PendingBroadcast | None:
+    """Broadcast in place from group rank `src`; a dead or silent peer raises within the group timeout.
+
+    wait=False returns at once with the broadcast in flight (a sender overlaps the next bucket's copy
+    with it); `tensor` must not be touched until its `wait()` returns.
+    """
     try:
         # group_src: `src` is the rank in this group, whatever the process's own default group says.
         work = dist.broadcast(tensor, group=group, group_src=src, async_op=True)
-        if watch_store:
-            _wait_watching_store(work, group, what)
-        work.wait()
-    except BroadcastError:
-        raise
     except Exception as e:
         raise BroadcastError(f"Broadcast of {what} on group {group.group_name!r} failed: {e}") from e
+    pending = PendingBroadcast(work, group, what, watch_store)
+    if not wait:
+        return pending
+    pending.wait()
+    return None
 
 
 def _wait_watching_store(work: dist.Work, group: dist.ProcessGroup, what: str) -> None:

@@ -70,7 +70,8 @@ def bench_disk(eng, model_path: str, repeats: int) -> tuple[float, float]:
     return _best(ours), _best(raw)
 
 
-def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int) -> tuple[float, float, int]:
+def bench_broadcast(eng, model_path: str, bucket_bytes: int,
+                    repeats: int) -> tuple[float, float, int, dict[str, int]]:
     from rollout.testing import free_port
     from sync import plan_buckets
 
@@ -88,6 +89,8 @@ def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int) -> tu
     assert ok, msg
     group = eng.scheduler.controller.updater.groups[GROUP].group
     flat = torch.empty(total, dtype=torch.uint8)
+    receiver = eng.scheduler.controller.updater.receiver
+    paths: dict[str, int] = {}  # buckets per receive path (sync.model_receiver), over all repeats
     ours, raw = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -96,6 +99,7 @@ def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int) -> tu
             ok, msg = eng.update_weights_from_distributed(meta.names, meta.dtypes, meta.shapes, group_name=GROUP,
                                                           load_format="flattened_bucket")
             assert ok, msg
+            paths[receiver.last_path] = paths.get(receiver.last_path, 0) + 1
         ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         go.put("raw")
@@ -105,7 +109,7 @@ def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int) -> tu
     eng.destroy_weights_update_group(GROUP)
     go.put("bye")
     proc.join(60)
-    return _best(ours), _best(raw), total
+    return _best(ours), _best(raw), total, paths
 
 
 def bench_control(eng, repeats: int) -> float:
@@ -126,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--receive", choices=["direct", "buffered"], default="direct",
+                        help="the server's --weight-update-receive mode")
     args = parser.parse_args()
 
     from runtime.engine import Engine
@@ -141,10 +147,10 @@ def main() -> None:
         from runtime.default_model import default_model_path
         model_path = default_model_path()
     eng = Engine(model_path, dtype="float32", device="cpu", skip_tokenizer_init=True, max_total_tokens=4096,
-                 progress=False)
+                 progress=False, weight_update_receive=args.receive)
     try:
         disk, disk_raw = bench_disk(eng, model_path, args.repeats)
-        bc, bc_raw, nbytes = bench_broadcast(eng, model_path, int(args.bucket_mb * 2**20), args.repeats)
+        bc, bc_raw, nbytes, paths = bench_broadcast(eng, model_path, int(args.bucket_mb * 2**20), args.repeats)
         control_ms = bench_control(eng, max(args.repeats * 10, 20))
     finally:
         eng.shutdown()
@@ -154,6 +160,7 @@ def main() -> None:
         "model_path": model_path, "bytes": nbytes, "torch_threads": torch.get_num_threads(),
         "disk_s": disk, "disk_raw_s": disk_raw, "disk_ratio": disk / disk_raw,
         "broadcast_s": bc, "broadcast_raw_s": bc_raw, "broadcast_ratio": bc / bc_raw,
+        "broadcast_receive": args.receive, "broadcast_paths": paths,
         "control_ms": control_ms,
         "goals_met": {"disk<=1.3x": disk / disk_raw <= 1.3, "broadcast<=1.2x": bc / bc_raw <= 1.2,
                       "control<=50ms": control_ms <= 50},
@@ -164,6 +171,8 @@ def main() -> None:
     print(f"model {model_path}: {nbytes / 2**20:.1f} MiB of weights")
     print(f"disk update       {disk:8.3f} s   raw load+copy_   {disk_raw:8.3f} s   ratio {disk / disk_raw:5.2f} (goal <= 1.3)")
     print(f"broadcast update  {bc:8.3f} s   raw flat bcast   {bc_raw:8.3f} s   ratio {bc / bc_raw:5.2f} (goal <= 1.2)")
+    print(f"                  receive mode {args.receive}; buckets per path: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())))
     print(f"control           {control_ms:8.2f} ms  pause + zero-byte update + continue (goal <= 50 ms)")
 
 

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from sync.scratch import ScratchBuffer
 from sync.specs import TensorSpecs, dtype_name, nbytes_of, parse_dtype
 
 ALIGN = 16  # bytes; the largest element size (complex128), so any dtype view of a slice is legal
@@ -67,16 +68,23 @@ def _slice(flat: torch.Tensor, meta: BucketMeta, i: int) -> torch.Tensor:
     return flat[meta.offsets[i]:meta.offsets[i] + nbytes].view(dtype).view(shape)
 
 
-def flatten_bucket(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, BucketMeta]:
+def flatten_bucket(named: Sequence[tuple[str, torch.Tensor]],
+                   scratch: ScratchBuffer | None = None) -> tuple[torch.Tensor, BucketMeta]:
     """One flat buffer (on the first tensor's device) holding copies of all the tensors, and its layout.
 
-    A bucket of one contiguous tensor is that tensor's own memory, viewed flat (no copy).
+    A bucket of one contiguous tensor is that tensor's own memory, viewed flat (no copy). With `scratch`
+    the buffer is a view into it (valid until its next use), so a push of many buckets faults in new
+    pages once instead of for every bucket.
     """
     meta = layout_bucket(TensorSpecs.of(named))
     first = named[0][1]
     if len(named) == 1 and first.is_contiguous():
         return first.detach().reshape(-1), meta
-    flat = torch.empty(meta.numel, dtype=parse_dtype(meta.buffer_dtype), device=first.device)
+    dtype = parse_dtype(meta.buffer_dtype)
+    if scratch is not None:
+        flat = scratch.take(meta.buffer_nbytes(), first.device).view(dtype)
+    else:
+        flat = torch.empty(meta.numel, dtype=dtype, device=first.device)
     with torch.no_grad():
         for i, (_, tensor) in enumerate(named):
             _slice(flat, meta, i).copy_(tensor)

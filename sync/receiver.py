@@ -1,4 +1,5 @@
-"""The server side of a broadcast update: receive into fresh buffers, yield (name, tensor) pairs.
+"""Receiving a broadcast update into fresh buffers, yielding (name, tensor) pairs (the server itself
+uses sync.model_receiver, which receives into the weights directly where it can).
 
 Nothing is received into the model directly, so a broadcast that breaks midway never leaves a
 half-written parameter: feed the pairs to `apply_named_tensors` (everything first, then copy; memory:

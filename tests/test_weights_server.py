@@ -5,7 +5,8 @@ The trainer (tests/weight_trainer.py) uses sync.ServerGroup: it joins the group 
 buckets, and destroys the group. The test checks each server's weights (get_weights_by_name) and greedy
 output against transformers on the same tensors, versions everywhere, disk switches and their failure
 messages, bad bodies (400 naming the field), and a trainer killed mid-broadcast (the server then serves
-the old weights, or answers 503 until the next good update; never a mix, and never hangs).
+the old weights, or answers 503 until the next good update; never a mix, and never hangs). The first
+server receives broadcasts directly into its weights, the second buffers them (--weight-update-receive).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [5, 17, 99, 42, 7, 200, 31, 64, 128, 3, 11, 12]
 N = 8
+RECEIVE_MODES = ("direct", "buffered")  # servers[0], servers[1]
 CHECK_NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight",
                "lm_head.weight")
 
@@ -42,8 +44,10 @@ def paths(tiny_model_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def servers(paths):
+    # The first receives broadcasts straight into its weights (the default), the second buffers them.
     procs = [ServerProcess(["--model-path", paths["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
-                            "--log-level", "warning", "--weight-version", "v0"]) for _ in range(2)]
+                            "--log-level", "warning", "--weight-version", "v0", "--weight-update-receive", mode])
+             for mode in RECEIVE_MODES]
     for p in procs:
         p.proc = None
         p._log = open(p.log_path, "wb")
@@ -194,9 +198,10 @@ def test_join_without_trainer_fails_in_bounded_time(servers):
     assert greedy(s)["meta_info"]["finish_reason"]["type"] == "length"
 
 
+@pytest.mark.parametrize("mode", RECEIVE_MODES)
 @pytest.mark.parametrize("load_format, after", [(None, 3), ("flattened_bucket", 2)])
-def test_trainer_killed_mid_broadcast(servers, paths, load_format, after):
-    s = servers[0]
+def test_trainer_killed_mid_broadcast(servers, paths, load_format, after, mode):
+    s = servers[RECEIVE_MODES.index(mode)]
     s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "before"})
     before = greedy(s)["output_ids"]
     cfg = {"urls": [s.url], "port": free_port(), "ckpt": paths["a"], "timeout": 30,
@@ -216,10 +221,10 @@ def test_trainer_killed_mid_broadcast(servers, paths, load_format, after):
     assert time.monotonic() - start < 15
     r = s.post("/generate", json={"input_ids": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": N,
                                                                            "ignore_eos": True}})
-    if load_format is None:  # nothing was copied: the old weights serve
+    if load_format is None and mode == "buffered":  # nothing was copied: the old weights serve
         assert r.status_code == 200 and r.json()["output_ids"] == before
         assert r.json()["meta_info"]["weight_version"] == "before"
-    else:  # an earlier bucket was applied: a mix, so 503 with the reason until the next good update
+    else:  # an earlier bucket was applied, or tensors were received into the weights: 503 until a good update
         assert r.status_code == 503, r.text
         assert "mix of old and new" in r.json()["error"]["message"]
         assert s.get("/health").status_code == 200

@@ -139,6 +139,13 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
         if stream:
             return self._stream(norm, return_text_in_logprobs)
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs) for r in norm.requests]
+        self._collect(norm, builders)
+        results = [b.to_dict() for b in builders]
+        return results if norm.is_batch else results[0]
+
+    def _collect(self, norm: Any, builders: list) -> None:
+        """Submit the requests and feed each one's outputs to its builder (a ResponseBuilder, or a
+        ScoringCollector for scoring) until it finishes."""
         queues = self._submit(norm)
         try:
             for b, q in zip(builders, queues):
@@ -147,8 +154,6 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
         finally:
             for r in norm.requests:
                 self._done(r.rid)
-        results = [b.to_dict() for b in builders]
-        return results if norm.is_batch else results[0]
 
     def _stream(self, norm: NormalizedGenerate, return_text_in_logprobs: bool) -> Iterator[dict]:
         """Submits now (so a duplicate rid raises here), then streams from the returned iterator."""

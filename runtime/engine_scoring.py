@@ -5,10 +5,8 @@ plumbing); the answers are exactly the HTTP routes'."""
 
 from __future__ import annotations
 
-import queue
 from typing import Any
 
-from runtime.messages import RequestOutput
 from runtime.scoring_input import (NEEDS_CROSS_ENCODER, NEEDS_EMBEDDING, NEEDS_GENERATION, ModelLimits,
                                    NormalizedScoring, is_cross_encoder, model_limits, normalize_embed,
                                    normalize_rerank, normalize_score, rerank_results)
@@ -22,14 +20,7 @@ class EngineScoring:
 
     def _run_scoring(self, norm: NormalizedScoring) -> list[ScoringCollector]:
         collectors = norm.collectors()
-        queues: list[queue.SimpleQueue[RequestOutput]] = self._submit(norm)
-        try:
-            for c, q in zip(collectors, queues):
-                while not c.finished:
-                    c.add(q.get())
-        finally:
-            for r in norm.requests:
-                self._done(r.rid)
+        self._collect(norm, collectors)
         return collectors
 
     def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,

@@ -30,6 +30,17 @@ def iterate_weights(model_path: str | Path, progress: bool = True) -> Iterator[t
                 yield key, f.get_tensor(key)
 
 
+def copy_into_target(target: torch.Tensor | None, hf_name: str, tensor: torch.Tensor) -> None:
+    """A model's load_weight: copy a checkpoint tensor into the tensor its HF name lives in (None: the
+    model keeps no such weight)."""
+    if target is None:
+        return
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"Shape mismatch for {hf_name}: model has {tuple(target.shape)}, "
+                         f"checkpoint has {tuple(tensor.shape)}.")
+    target.copy_(tensor)
+
+
 def load_model_weights(model: torch.nn.Module, model_path: str | Path, progress: bool = True) -> None:
     """Copy every checkpoint tensor into the model in place; every model weight must be covered."""
     expected = set(model.hf_weight_names())

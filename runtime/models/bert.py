@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 
 from runtime.attention.bidirectional import PackedLayout, bidirectional_attention
 from runtime.models.registry import register_scoring_model
+from runtime.weight_loader import copy_into_target
 
 
 @dataclass
@@ -161,13 +162,7 @@ class EncoderModel(nn.Module):
         return self._params[hf_name].data
 
     def load_weight(self, hf_name: str, tensor: torch.Tensor) -> None:
-        target = self.weight_target(hf_name)
-        if target is None:
-            return
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"Shape mismatch for {hf_name}: model has {tuple(target.shape)}, "
-                             f"checkpoint has {tuple(tensor.shape)}.")
-        target.copy_(tensor)
+        copy_into_target(self.weight_target(hf_name), hf_name, tensor)
 
     def hf_weight_names(self) -> list[str]:
         return list(self._params)

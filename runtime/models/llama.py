@@ -19,6 +19,7 @@ from runtime.attention.base import AttentionBackend
 from runtime.forward_batch import ForwardBatch
 from runtime.models.layers import RMSNorm, RotaryTable
 from runtime.models.registry import register_model
+from runtime.weight_loader import copy_into_target
 
 # (fused parameter, HF projection name, shard)
 STACKED_PARAMS = [
@@ -181,13 +182,7 @@ class LlamaForCausalLM(nn.Module):
         return self._params[hf_name].data
 
     def load_weight(self, hf_name: str, tensor: torch.Tensor) -> None:
-        target = self.weight_target(hf_name)
-        if target is None:
-            return
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"Shape mismatch for {hf_name}: model has {tuple(target.shape)}, "
-                             f"checkpoint has {tuple(tensor.shape)}.")
-        target.copy_(tensor)
+        copy_into_target(self.weight_target(hf_name), hf_name, tensor)
 
     def hf_weight_names(self) -> list[str]:
         """Every HF name this model loads, in parameter order."""

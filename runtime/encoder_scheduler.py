@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from runtime.encoder_runner import EncoderRunner
 from runtime.controller import Controller
-from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
-                              RequestOutput, SchedulerInput)
+from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult,
+                              GenerateRequest, RequestOutput, SchedulerInput)
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 prefix cache around an update, pause modes, versions, and the refuse-to-serve state.
 
 Runs in the scheduler's thread, between steps, in the order messages arrive (the in-process Engine and
-the server's engine process share it through `Scheduler.handle`).
+the server's engine process share it through `Scheduler.handle`, and encoder servers through
+`EncoderScheduler.handle`: the same updates, versions, pause and reads, with no KV to invalidate).
 
 - Versions: every output token records `scheduler.weight_version` at the step that sampled it.
 - Cache: after weights change, no KV computed under the old ones may be reused. Requests that hold KV
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -33,7 +34,6 @@ from sync.report import UpdateReport
 
 if TYPE_CHECKING:
     from runtime.request import Request
-    from runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,28 @@ WATCH_EVERY_S = 0.5  # while an update is in parts, how often generation checks 
 MEMORY_TAGS = ("kv_cache", "weights")
 
 
+class Controlled(Protocol):
+    """What the controller needs of a scheduler. runtime/scheduler.py's Scheduler (paged KV, prefix cache)
+    and runtime/encoder_scheduler.py's EncoderScheduler (bidirectional encoders) both provide it.
+
+    `has_kv_cache` False means nothing computed under the old weights outlives a step (an encoder runs
+    whole sequences and keeps no KV), so an update has no KV to invalidate and `running` is empty between
+    steps; only the Scheduler is then asked for its KV pool, radix cache and retraction."""
+
+    has_kv_cache: bool
+    runner: Any                 # .model (the HF-named weight interface) and .device
+    weight_version: str
+    paused: str | None
+    unusable: str | None
+    memory_released: bool
+    running: list
+
+    def abort(self, rid: str, abort_all: bool = False, message: str = ...) -> list: ...
+
+
 class Controller:
-    def __init__(self, scheduler: "Scheduler"):
-        self.s = scheduler
+    def __init__(self, scheduler: Controlled):
+        self.s: Any = scheduler  # Any: the KV paths below reach Scheduler-only members, behind has_kv_cache
         self.updater = WeightUpdater(scheduler.runner.model, scheduler.runner.device,
                                      receive_mode=scheduler.runner.args.weight_update_receive)
         # Parts of an update (buckets, per-tensor requests without a weight_version) applied since the
@@ -194,7 +213,7 @@ class Controller:
             return self._result(msg, False, f"mode must be one of {list(PAUSE_MODES)}, got {msg.mode!r}.")
         if msg.mode == "abort":
             outputs += self.s.abort("", abort_all=True, message="Aborted by pause_generation.")
-        elif msg.mode == "retract":
+        elif msg.mode == "retract" and self.s.has_kv_cache:
             for req in reversed(list(self.s.running)):  # appendleft in reverse keeps their order
                 self.s._retract(req)
         self.s.paused = msg.mode
@@ -221,7 +240,7 @@ class Controller:
         if self.s.running:
             return self._result(msg, False, f"Cannot release memory while {len(self.s.running)} requests hold KV "
                                             "cache; pause_generation with mode 'abort' or 'retract' first.")
-        if "kv_cache" in tags and not self.kv_released:
+        if "kv_cache" in tags and not self.kv_released and self.s.has_kv_cache:
             self.s.cache.reset()
             self.s.runner.kv_pool.release()
             self.kv_released = True
@@ -251,6 +270,8 @@ class Controller:
     def invalidate_kv(self) -> None:
         """No KV computed under the old weights may be reused: mark held KV stale, drop the cache."""
         s = self.s
+        if not s.has_kv_cache:
+            return
         for req in list(s.running):
             req.kv_stale = True
             if req.prefix_len > 0 and not self._own_prefix(req):

@@ -3,6 +3,9 @@
 Same interface as runtime/scheduler.py's Scheduler (handle / step / abort / has_work), so the scheduler
 loop, the in-process Engine and the server's engine process drive it unchanged. There is no KV and no
 chunking: an encoder's token attends to later ones, so a sequence runs in one pass or not at all.
+Weight updates, versions, pause / continue and weight reads go to runtime/controller.py's Controller, as
+for the decoder scheduler; since nothing outlives a step, an update has no KV to invalidate, and every
+output carries the version of the weights its single forward pass ran under.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from runtime.encoder_runner import EncoderRunner
-from runtime.messages import (AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
-                              RequestOutput, SchedulerInput)
+from runtime.controller import Controller
+from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult,
+                              GenerateRequest, RequestOutput, SchedulerInput)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ class EncoderRequest:
 
 
 class EncoderScheduler:
+    has_kv_cache = False  # runtime/controller.py: nothing computed under old weights survives a step
+
     def __init__(self, runner: EncoderRunner):
         self.runner = runner
         self.args = runner.args
@@ -39,9 +45,19 @@ class EncoderScheduler:
         self.running: list[EncoderRequest] = []   # only during a step: nothing stays between steps
         self.requests: dict[str, EncoderRequest] = {}
         self.forward_steps = 0
+        # Generation control, as Scheduler's: a pause mode, released memory (requests wait), or why the
+        # weights cannot serve (requests are refused with it).
+        self.paused: str | None = None
+        self.memory_released = False
+        self.unusable: str | None = None
+        self.controller = Controller(self)
 
     def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
         if isinstance(msg, EmbedRequest):
+            if self.unusable is not None:  # the front ends refuse first; this answers one in the race
+                return [RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids),
+                                      cached_tokens=0, weight_version=self.weight_version, finished=True,
+                                      finish_reason={"type": "abort", "message": self.unusable})]
             self.add_request(msg)
             return []
         if isinstance(msg, AbortRequest):
@@ -50,6 +66,8 @@ class EncoderScheduler:
             return [FlushCacheResult(success=not self.requests,
                                      message="Cache flushed." if not self.requests else
                                      "Cache not flushed: there are running or waiting requests.")]
+        if isinstance(msg, CONTROL_TYPES):
+            return self.controller.handle(msg)
         if isinstance(msg, GenerateRequest):
             raise ValueError(f"Request {msg.rid!r}: an encoder model cannot generate.")
         raise TypeError(f"Unknown scheduler message {type(msg).__name__}")
@@ -71,9 +89,14 @@ class EncoderScheduler:
         return outputs
 
     def has_work(self) -> bool:
+        if self.paused is not None or self.memory_released:
+            return False
         return bool(self.waiting)
 
     def step(self) -> list[RequestOutput]:
+        stopped = self.controller.poll()  # weights left a mix by a dead trainer: nothing may run on them
+        if stopped or self.unusable is not None:
+            return stopped
         batch: list[EncoderRequest] = []
         tokens = 0
         while self.waiting and (not batch or tokens + len(self.waiting[0].input_ids) <= self.max_batch_tokens):
@@ -131,5 +154,10 @@ class EncoderScheduler:
             "num_retractions": 0,
             "forward_steps": self.forward_steps,
             "weight_version": self.weight_version,
+            "paused": self.paused,
+            "weights_unusable": self.unusable,
+            "memory_released": self.memory_released,
+            "num_weight_updates": self.controller.num_updates,
+            "weight_update_seconds": round(self.controller.update_seconds, 6),
             "engine_pid": os.getpid(),
         }

@@ -49,6 +49,8 @@ class _Scheduled:
 
 
 class Scheduler:
+    has_kv_cache = True  # runtime/controller.py invalidates its KV and prefix cache after an update
+
     def __init__(self, runner: ModelRunner, eos_token_ids: set[int], stop_checker: StopChecker | None = None):
         args = runner.args
         self.args = args

@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertMo
 from rollout.testing import make_tiny_model_dir
 from rollout.testing_scoring import make_reward_model_dir, make_tiny_cross_encoder_dir
 from runtime.engine import Engine
-from sync.disk import update_weights_from_disk
 
 SEQS = [list(range(5, 45)), [30, 31, 32], list(range(5, 45)) + [50, 51], [7] * 70]
 PAD = 2  # the tiny models' eos, which make_reward_model_dir makes the pad token too
@@ -179,9 +178,11 @@ def test_weight_update_from_disk_changes_reward_scores(tiny_model_dir, tmp_path)
     want_new = AutoModelForSequenceClassification.from_pretrained(new, dtype=torch.float32).eval()
     with engine(old, is_embedding=True, skip_tokenizer_init=True) as eng:
         before = [o["embedding"][0] for o in eng.encode(input_ids=SEQS)]
-        update_weights_from_disk(eng.runner.model, new)
-        assert eng.flush_cache().success  # cached prefixes hold KV of the old weights
-        after = [o["embedding"][0] for o in eng.encode(input_ids=SEQS)]
+        # The controller's update: it drops the cached prefixes, which hold KV of the old weights.
+        assert eng.update_weights_from_disk(new, weight_version="new") == (True, "Succeeded to update model weights.")
+        outs = eng.encode(input_ids=SEQS)
+        assert {o["meta_info"]["weight_version"] for o in outs} == {"new"}
+        after = [o["embedding"][0] for o in outs]
     for seq, b, a in zip(SEQS, before, after):
         want = want_new(torch.tensor([seq])).logits[0, 0].item()
         assert a == pytest.approx(want, abs=1e-4) and not math.isclose(a, b, abs_tol=1e-3)
@@ -192,8 +193,9 @@ def test_weight_update_from_disk_reaches_encoders(tmp_path):
     new = make_tiny_cross_encoder_dir(tmp_path / "new", seed=1)
     with engine(old, is_embedding=True) as eng:
         before = eng.rerank("query", ["a document", "another one"])
-        update_weights_from_disk(eng.runner.model, new)
+        assert eng.update_weights_from_disk(new, weight_version="new")[0]  # an encoder's scheduler, same controller
         after = eng.rerank("query", ["a document", "another one"])
+        assert eng.encode("a document")["meta_info"]["weight_version"] == "new"
     with engine(new, is_embedding=True) as eng:
         fresh = eng.rerank("query", ["a document", "another one"])
     assert [r["score"] for r in after] == pytest.approx([r["score"] for r in fresh], abs=1e-6)

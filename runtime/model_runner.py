@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from runtime.attention.base import create_attention_backend
-from runtime.flat_weights import flatten_parameters
+from sync.flat_parameters import flatten_parameters
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
 from runtime.models.registry import get_model_class

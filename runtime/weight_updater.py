@@ -185,7 +185,7 @@ class WeightUpdater:
         if self.released:
             return
         # Collect first: after resize_(0) a storage's data_ptr is 0, so deduplicating while resizing would
-        # list a storage shared by many parameters (runtime.flat_weights) once more, as empty.
+        # list a storage shared by many parameters (sync.flat_parameters) once more, as empty.
         storages: dict[int, torch.UntypedStorage] = {}
         for p in self.model.parameters():
             storage = p.data.untyped_storage()

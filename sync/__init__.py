@@ -8,6 +8,7 @@
   in flat buckets (`flatten_bucket`, `unflatten_bucket`, `plan_buckets`, `layout_bucket`).
 - `ServerGroup` (trainer): create a group with N rollout servers over HTTP, push tensors in buckets, destroy.
 - `encode_named_tensors` / `decode_named_tensors`: the safetensors (never pickle) tensor payload.
+- `flatten_parameters`: lay a (trainer's) model's parameters back to back so buckets go out with no copy.
 - `tensor_checksum`, `model_checksums`, `update_digest`: verification.
 Errors: `WeightUpdateError` (refused, model untouched), `PartialUpdateError` (model inconsistent),
 `GroupJoinError`, `BroadcastError`.
@@ -18,6 +19,7 @@ from sync.checksum import digest_of, model_checksums, named_checksums, tensor_ch
 from sync.disk import checkpoint_specs, iterate_checkpoint, update_weights_from_disk, validate_checkpoint
 from sync.errors import (BroadcastError, CheckpointNotFoundError, GroupJoinError, PartialUpdateError,
                          WeightUpdateError)
+from sync.flat_parameters import flatten_parameters
 from sync.named_tensors import apply_named_tensors
 from sync.process_group import destroy_process_group, init_custom_process_group, tcp_init_method
 from sync.receiver import receive_buckets, receive_tensors
@@ -35,6 +37,7 @@ __all__ = [
     "TensorSpecs", "Transaction", "UpdateReport", "WeightSender", "WeightUpdateError",
     "apply_in_place_with_backup", "apply_named_tensors", "check_specs", "checkpoint_specs",
     "decode_named_tensors", "destroy_process_group", "digest_of", "encode_named_tensors", "flatten_bucket",
+    "flatten_parameters",
     "init_custom_process_group", "iterate_checkpoint", "layout_bucket", "model_checksums", "named_checksums",
     "plan_buckets", "receive_buckets", "receive_tensors", "tcp_init_method", "tensor_checksum",
     "unflatten_bucket", "update_digest", "update_weights_from_disk", "validate_checkpoint",

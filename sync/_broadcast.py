@@ -20,7 +20,6 @@ from torch.distributed import distributed_c10d as c10d
 from sync.errors import BroadcastError
 
 STORE_CHECK_EVERY = 0.5  # seconds between liveness checks of the trainer's store while waiting
-_MAX_POLL = 0.005        # longest sleep between completion checks: the latency added to a long message
 
 
 class PendingBroadcast:
@@ -61,18 +60,17 @@ def broadcast(tensor: torch.Tensor, group: dist.ProcessGroup, src: int, what: st
 
 def _wait_watching_store(work: dist.Work, group: dist.ProcessGroup, what: str) -> None:
     store = c10d._world.pg_map[group][1]  # the group's (prefixed) store, as torch registered it
-    sleep, next_check = 5e-5, time.monotonic() + STORE_CHECK_EVERY
-    while not work.is_completed():
-        time.sleep(sleep)
-        sleep = min(sleep * 2, _MAX_POLL)  # short ops finish after a few tiny sleeps
-        if time.monotonic() >= next_check:
-            try:
-                store.check(["liveness"])  # a round trip to the trainer's store daemon
-            except Exception as e:
-                _abandon(work, group)
-                raise BroadcastError(f"Broadcast of {what} on group {group.group_name!r} failed: the trainer "
-                                     f"hosting the group's store is gone ({e}).") from e
-            next_check = time.monotonic() + STORE_CHECK_EVERY
+    # Woken by the work's completion callback, so a finished message costs no polling delay (a poll
+    # that slept up to a few ms per bucket made a 24-bucket update ~1.7x a raw broadcast).
+    done = threading.Event()
+    work.get_future().add_done_callback(lambda _: done.set())
+    while not done.wait(STORE_CHECK_EVERY):
+        try:
+            store.check(["liveness"])  # a round trip to the trainer's store daemon
+        except Exception as e:
+            _abandon(work, group)
+            raise BroadcastError(f"Broadcast of {what} on group {group.group_name!r} failed: the trainer "
+                                 f"hosting the group's store is gone ({e}).") from e
 
 
 def _abandon(work: dist.Work, group: dist.ProcessGroup) -> None:

@@ -3,7 +3,7 @@
 A bucket maps when its tensors' targets are contiguous views of one storage, with exactly the announced
 dtypes, sitting back to back in the bucket's order with the bucket's own offsets (so no padding of a
 mixed bucket lands on bytes that belong to something else). Then the bucket's buffer IS that byte range
-(runtime.flat_weights lays the parameters out so that HF-ordered buckets do). Anything else (a skipped
+(sync.flat_parameters lays the parameters out so that HF-ordered buckets do). Anything else (a skipped
 name such as a tied lm_head, a dtype to convert, a fused bias in another order) gives None: receive into
 a buffer and copy.
 """

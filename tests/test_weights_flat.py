@@ -1,4 +1,4 @@
-"""The flat parameter layout (runtime.flat_weights) and which buckets it lets a broadcast land in directly.
+"""The flat parameter layout (sync.flat_parameters) and which buckets it lets a broadcast land in directly.
 
 Oracles: a runner built without the relayout (separate parameter storages) gives bitwise the same logits
 as one with it, for every family and tied/untied embeddings; and buckets planned in transformers' own

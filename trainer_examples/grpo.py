@@ -119,11 +119,12 @@ def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[],
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train()
+    sync = make_sync()
+    sync.prepare(model)  # before the optimizer: it may move the parameters (BroadcastSync lays them flat)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     task = AdditionTask(tokenizer, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")
-    sync = make_sync()
     logs: list[StepLog] = []
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": 1.0}
     try:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from rollout import RolloutClient
+from sync import flatten_parameters
 
 
 class BroadcastSync:
@@ -18,6 +19,11 @@ class BroadcastSync:
         self.client = client
         self.verify = verify
         self.group = client.init_weights_update_group("127.0.0.1", backend="gloo")
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Lay the parameters back to back in named_parameters() order, so every bucket of a push is a view
+        of them: no copy on this side, and each server receives straight into its own weights."""
+        flatten_parameters(model)
 
     def due(self, step: int) -> bool:
         return True
@@ -43,6 +49,9 @@ class DiskSync:
         self.every = every
         self.verify = verify
         self.last: str | None = None
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Nothing: save_pretrained must see separate tensors (it reads shared storage as tied weights)."""
 
     def due(self, step: int) -> bool:
         return step % self.every == 0

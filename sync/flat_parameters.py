@@ -9,6 +9,10 @@ with the weights while ours form one fused bias) only make the buckets holding t
 
 Parameters are rebound to views (`param.data = view`), so modules, tied weights (one Parameter shared by
 embed_tokens and lm_head) and `weight_target` views keep working unchanged.
+
+The trainer side uses it too: a trainer's HF model flattened once (before its optimizer is built) has
+its `named_parameters()` back to back in the same order, so WeightSender sends every bucket as a view
+of the parameters, with no copy (`sync.flatten_parameters(model)`).
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ def _params_in_hf_order(model: nn.Module) -> list[nn.Parameter]:
     """Distinct parameters in the order their HF names first appear; any the names never reach go last."""
     by_storage = {}
     for p in model.parameters():  # deduplicated: a tied weight once
-        by_storage.setdefault(p.untyped_storage().data_ptr(), p)
+        # Keyed by where the values sit, so two Parameters viewing one tensor (tied) count once.
+        by_storage.setdefault((p.untyped_storage().data_ptr(), p.storage_offset()), p)
     ordered: dict[int, nn.Parameter] = {}
     names = model.hf_weight_names() if hasattr(model, "hf_weight_names") else []
     for name in names:
         target = model.weight_target(name)
         if target is None:
             continue
-        p = by_storage.get(target.untyped_storage().data_ptr())
+        p = by_storage.get((target.untyped_storage().data_ptr(), target.storage_offset()))
         if p is not None:
             ordered.setdefault(id(p), p)
     for p in by_storage.values():

@@ -15,10 +15,11 @@ import os
 from collections import deque
 from dataclasses import dataclass
 
-from runtime.encoder_runner import EncoderRunner
 from runtime.controller import Controller
+from runtime.encoder_runner import EncoderRunner
 from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult,
                               GenerateRequest, RequestOutput, SchedulerInput)
+from runtime.request_aborter import RequestAborter
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class EncoderRequest:
     embedding: list[float] | None = None
 
 
-class EncoderScheduler:
+class EncoderScheduler(RequestAborter):
     has_kv_cache = False  # runtime/controller.py: nothing computed under old weights survives a step
 
     def __init__(self, runner: EncoderRunner):
@@ -78,15 +79,6 @@ class EncoderScheduler:
         req = EncoderRequest(msg.rid, list(msg.input_ids), msg.token_type_ids)
         self.requests[req.rid] = req
         self.waiting.append(req)
-
-    def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list[RequestOutput]:
-        outputs = []
-        for req in list(self.requests.values()):
-            if abort_all or req.rid.startswith(rid):
-                req.finish_reason = {"type": "abort", "message": message}
-                self._finish(req)
-                outputs.append(self._output(req))
-        return outputs
 
     def has_work(self) -> bool:
         if self.paused is not None or self.memory_released:

@@ -25,6 +25,7 @@ from runtime.page_allocator import PageAllocator
 from runtime.radix_cache import RadixCache
 from runtime.req_to_token_pool import ReqToTokenPool
 from runtime.request import Request, RequestStatus
+from runtime.request_aborter import RequestAborter
 from runtime.sampler import Sampler, logprob_entries, processed_logprobs
 from runtime.sampling_params import SamplingParams
 from runtime.stop_checker import StopChecker
@@ -48,7 +49,7 @@ class _Scheduled:
     kv_start: int
 
 
-class Scheduler:
+class Scheduler(RequestAborter):
     has_kv_cache = True  # runtime/controller.py invalidates its KV and prefix cache after an update
 
     def __init__(self, runner: ModelRunner, eos_token_ids: set[int], stop_checker: StopChecker | None = None):
@@ -118,16 +119,6 @@ class Scheduler:
         self.add_request(GenerateRequest(rid=msg.rid, input_ids=msg.input_ids,
                                          sampling_params=SamplingParams(max_new_tokens=0)))
         self.requests[msg.rid].embed = True
-
-    def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list[RequestOutput]:
-        """Abort requests whose rid starts with `rid` (or all); they answer with their partial output."""
-        outputs = []
-        for req in list(self.requests.values()):
-            if abort_all or req.rid.startswith(rid):
-                req.finish_reason = {"type": "abort", "message": message}
-                self._finish(req)
-                outputs.append(self._output(req))
-        return outputs
 
     def flush_cache(self) -> FlushCacheResult:
         if self.requests:

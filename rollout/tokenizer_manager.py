@@ -242,7 +242,6 @@ class TokenizerManager:
     def submit(self, norm: NormalizedGenerate, return_text_in_logprobs: bool, stream: bool,
                start_time: float) -> GenerateCall:
         """Register the call's samples and send them; ValueError for an rid already in flight."""
-        self.check_available()
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs, start_time) for r in norm.requests]
         return self.submit_builders(builders, norm.is_batch, stream)
 

@@ -42,6 +42,12 @@ def add_weight_routes(app: FastAPI, tm: TokenizerManager, json_response: Callabl
         return json_response({"success": result.success, "message": result.message},
                              200 if result.success else 400)
 
+    def plain(parse: Callable[[dict[str, Any]], dict[str, Any]], message: type, timeout: float) -> Any:
+        """A route that parses its body, sends one control message and answers its result."""
+        async def route(request: Request) -> Response:
+            return answer(await tm.control(message, timeout, **parse(await body_of(request))))
+        return route
+
     async def update_from_disk(request: Request) -> Response:
         fields = parse_update_from_disk(await body_of(request))
         result = await tm.control(UpdateWeightsFromDiskReq, DISK_TIMEOUT_S, **fields)
@@ -69,10 +75,6 @@ def add_weight_routes(app: FastAPI, tm: TokenizerManager, json_response: Callabl
         group_timeouts.pop(fields["group_name"], None)
         return answer(result)
 
-    async def update_from_tensor(request: Request) -> Response:
-        fields = parse_update_from_tensor(await body_of(request))
-        return answer(await tm.control(UpdateWeightsFromTensorReq, DISK_TIMEOUT_S, **fields))
-
     async def get_weights_by_name(request: Request) -> Response:
         fields = parse_get_weights(await body_of(request))
         result = await tm.control(GetWeightsByNameReq, CONTROL_TIMEOUT_S, **fields)
@@ -80,38 +82,24 @@ def add_weight_routes(app: FastAPI, tm: TokenizerManager, json_response: Callabl
             return error_response(result.message, 400)
         return json_response(result.parameter)
 
-    async def update_weight_version(request: Request) -> Response:
-        fields = parse_update_weight_version(await body_of(request))
-        return answer(await tm.control(UpdateWeightVersionReq, CONTROL_TIMEOUT_S, **fields))
-
-    async def pause_generation(request: Request) -> Response:
-        fields = parse_pause(await body_of(request))
-        return answer(await tm.control(PauseGenerationReq, CONTROL_TIMEOUT_S, **fields))
-
     async def continue_generation(request: Request) -> Response:
         await body_of(request)  # a body that is not JSON is still a 400
         return answer(await tm.control(ContinueGenerationReq, CONTROL_TIMEOUT_S))
-
-    async def release_memory(request: Request) -> Response:
-        fields = parse_memory_tags(await body_of(request))
-        return answer(await tm.control(ReleaseMemoryReq, CONTROL_TIMEOUT_S, **fields))
-
-    async def resume_memory(request: Request) -> Response:
-        fields = parse_memory_tags(await body_of(request))
-        return answer(await tm.control(ResumeMemoryReq, CONTROL_TIMEOUT_S, **fields))
 
     routes: list[tuple[str, Any, list[str]]] = [
         ("/update_weights_from_disk", update_from_disk, ["POST"]),
         ("/init_weights_update_group", init_group, ["POST"]),
         ("/update_weights_from_distributed", update_from_distributed, ["POST"]),
         ("/destroy_weights_update_group", destroy_group, ["POST"]),
-        ("/update_weights_from_tensor", update_from_tensor, ["POST"]),
+        ("/update_weights_from_tensor", plain(parse_update_from_tensor, UpdateWeightsFromTensorReq, DISK_TIMEOUT_S),
+         ["POST"]),
         ("/get_weights_by_name", get_weights_by_name, ["GET", "POST"]),
-        ("/update_weight_version", update_weight_version, ["POST"]),
-        ("/pause_generation", pause_generation, ["POST"]),
+        ("/update_weight_version", plain(parse_update_weight_version, UpdateWeightVersionReq, CONTROL_TIMEOUT_S),
+         ["POST"]),
+        ("/pause_generation", plain(parse_pause, PauseGenerationReq, CONTROL_TIMEOUT_S), ["POST"]),
         ("/continue_generation", continue_generation, ["POST"]),
-        ("/release_memory_occupation", release_memory, ["POST"]),
-        ("/resume_memory_occupation", resume_memory, ["POST"]),
+        ("/release_memory_occupation", plain(parse_memory_tags, ReleaseMemoryReq, CONTROL_TIMEOUT_S), ["POST"]),
+        ("/resume_memory_occupation", plain(parse_memory_tags, ResumeMemoryReq, CONTROL_TIMEOUT_S), ["POST"]),
     ]
     for path, handler, methods in routes:
         app.add_api_route(path, handler, methods=methods)

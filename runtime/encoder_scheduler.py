@@ -55,12 +55,10 @@ class EncoderScheduler(RequestAborter):
 
     def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
         if isinstance(msg, EmbedRequest):
-            if self.unusable is not None:  # the front ends refuse first; this answers one in the race
-                return [RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids),
-                                      cached_tokens=0, weight_version=self.weight_version, finished=True,
-                                      finish_reason={"type": "abort", "message": self.unusable})]
-            self.add_request(msg)
-            return []
+            refused = self.refusal(msg)
+            if not refused:
+                self.add_request(msg)
+            return refused
         if isinstance(msg, AbortRequest):
             return self.abort(msg.rid, msg.abort_all)
         if isinstance(msg, FlushCacheRequest):  # nothing is cached

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.controller import Controller
 from runtime.forward_batch import ForwardBatch
 from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
                               RequestOutput, SchedulerInput)
@@ -78,23 +79,21 @@ class Scheduler(RequestAborter):
         self.paused: str | None = None
         self.memory_released = False
         self.unusable: str | None = None
-        from runtime.controller import Controller  # it imports this module's types
         self.controller = Controller(self)
 
     # --- messages -------------------------------------------------------------------------------
 
     def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
-        if isinstance(msg, (GenerateRequest, EmbedRequest)) and self.unusable is not None:
-            # The front ends refuse first; this answers a request in the race.
-            return [RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
-                                  weight_version=self.weight_version, finished=True,
-                                  finish_reason={"type": "abort", "message": self.unusable})]
         if isinstance(msg, GenerateRequest):
-            self.add_request(msg)
-            return []
+            refused = self.refusal(msg)
+            if not refused:
+                self.add_request(msg)
+            return refused
         if isinstance(msg, EmbedRequest):
-            self.add_embed_request(msg)
-            return []
+            refused = self.refusal(msg)
+            if not refused:
+                self.add_embed_request(msg)
+            return refused
         if isinstance(msg, AbortRequest):
             return self.abort(msg.rid, msg.abort_all)
         if isinstance(msg, FlushCacheRequest):

@@ -85,3 +85,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., st
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_model_dir: Callable[..., str]) -> dict[str, str]:
+    """Tiny Llama checkpoints a weight update switches between: "a" (the one served first), "b" (same
+    shapes, other values) and "wide" (another MLP width, which an update must refuse)."""
+    return {"a": tiny_model_dir("llama"), "b": tiny_model_dir("llama", seed=1),
+            "wide": tiny_model_dir("llama", intermediate_size=96)}
+

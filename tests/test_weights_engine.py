@@ -23,14 +23,8 @@ PROMPT = [5, 17, 99, 42, 7, 200, 31, 64, 128, 3, 11, 12]
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_model_dir) -> dict[str, str]:
-    return {"a": tiny_model_dir("llama"), "b": tiny_model_dir("llama", seed=1),
-            "wide": tiny_model_dir("llama", intermediate_size=96)}
-
-
-@pytest.fixture(scope="module")
-def eng(paths):
-    e = Engine(paths["a"], skip_tokenizer_init=True, max_total_tokens=4096, progress=False)
+def eng(checkpoints):
+    e = Engine(checkpoints["a"], skip_tokenizer_init=True, max_total_tokens=4096, progress=False)
     yield e
     e.shutdown()
 
@@ -39,8 +33,8 @@ def greedy(eng: Engine, n: int = 8, prompt: list[int] = PROMPT, **kw) -> dict:
     return eng.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": n}, return_logprob=True, **kw)
 
 
-def test_tensor_update_parity_versions_and_reads(eng, paths):
-    named = perturbed(paths["a"], 0.1, seed=3)
+def test_tensor_update_parity_versions_and_reads(eng, checkpoints):
+    named = perturbed(checkpoints["a"], 0.1, seed=3)
     ok, msg = eng.update_weights_from_tensor(named, weight_version="t1")
     assert ok, msg
     assert eng.weight_version == "t1"
@@ -50,30 +44,30 @@ def test_tensor_update_parity_versions_and_reads(eng, paths):
         got = torch.tensor(eng.get_weights_by_name(name, truncate_size=3))
         assert torch.equal(got, want[name][:3]), name
     out = greedy(eng)
-    assert out["output_ids"] == hf_greedy(paths["a"], PROMPT, 8, named)
+    assert out["output_ids"] == hf_greedy(checkpoints["a"], PROMPT, 8, named)
     assert out["meta_info"]["weight_version"] == "t1"
     assert out["meta_info"]["output_token_weight_versions"] == ["t1"] * 8
     # Back to the checkpoint (version "a"), exactly.
-    ok, msg = eng.update_weights_from_disk(paths["a"], weight_version="a")
+    ok, msg = eng.update_weights_from_disk(checkpoints["a"], weight_version="a")
     assert ok and msg == "Succeeded to update model weights."
-    assert greedy(eng)["output_ids"] == hf_greedy(paths["a"], PROMPT, 8)
+    assert greedy(eng)["output_ids"] == hf_greedy(checkpoints["a"], PROMPT, 8)
 
 
-def test_disk_switch_and_back_and_failures(eng, paths):
-    ok, _ = eng.update_weights_from_disk(paths["a"], weight_version="a")
+def test_disk_switch_and_back_and_failures(eng, checkpoints):
+    ok, _ = eng.update_weights_from_disk(checkpoints["a"], weight_version="a")
     assert ok
     old = greedy(eng)["output_ids"]
-    ok, msg = eng.update_weights_from_disk(paths["b"], weight_version="b")
+    ok, msg = eng.update_weights_from_disk(checkpoints["b"], weight_version="b")
     assert ok, msg
     new = greedy(eng)
-    assert new["output_ids"] != old and new["output_ids"] == hf_greedy(paths["b"], PROMPT, 8)
+    assert new["output_ids"] != old and new["output_ids"] == hf_greedy(checkpoints["b"], PROMPT, 8)
     assert new["meta_info"]["weight_version"] == "b"
-    ok, _ = eng.update_weights_from_disk(paths["a"], weight_version="a2")
+    ok, _ = eng.update_weights_from_disk(checkpoints["a"], weight_version="a2")
     assert ok and greedy(eng)["output_ids"] == old
 
     ok, msg = eng.update_weights_from_disk("/no/such/checkpoint", weight_version="x")
     assert not ok and msg == "Failed to get weights iterator: /no/such/checkpoint (repository not found)."
-    ok, msg = eng.update_weights_from_disk(paths["wide"], weight_version="x")
+    ok, msg = eng.update_weights_from_disk(checkpoints["wide"], weight_version="x")
     assert not ok
     assert msg.startswith("Failed to update weights: Shape mismatch for model.layers.0.mlp.down_proj.weight: "
                           "model expects (64, 128) torch.float32, got (64, 96) torch.float32.\nRolling back")
@@ -100,14 +94,14 @@ def _start_long_request(eng: Engine, results: list, n: int = 40) -> threading.Th
 
 
 @pytest.mark.parametrize("mode", ["in_place", "retract", "abort"])
-def test_pause_modes_around_an_update(eng, paths, mode):
-    eng.update_weights_from_disk(paths["a"], weight_version="v0")
+def test_pause_modes_around_an_update(eng, checkpoints, mode):
+    eng.update_weights_from_disk(checkpoints["a"], weight_version="v0")
     greedy(eng, n=2)  # put the prompt in the prefix cache
     results: list = []
     t = _start_long_request(eng, results)
     ok, _ = eng.pause_generation(mode)
     assert ok
-    ok, msg = eng.update_weights_from_disk(paths["b"], weight_version="v1")
+    ok, msg = eng.update_weights_from_disk(checkpoints["b"], weight_version="v1")
     assert ok, msg
     assert eng.scheduler.cache.total_size() == 0  # paused: nothing computed under v1 yet
     eng.continue_generation()
@@ -126,7 +120,7 @@ def test_pause_modes_around_an_update(eng, paths, mode):
     # recomputed its KV under v1 and cached it; one kept in place holds v0 KV and must not cache it.
     after = greedy(eng)
     assert (after["meta_info"]["cached_tokens"] > 0) == (mode == "retract")
-    assert after["output_ids"] == hf_greedy(paths["b"], PROMPT, 8)
+    assert after["output_ids"] == hf_greedy(checkpoints["b"], PROMPT, 8)
     assert eng.scheduler.is_idle_clean()
 
 
@@ -142,8 +136,8 @@ def test_generate_waits_while_paused(eng):
     assert results[0]["meta_info"]["finish_reason"]["type"] == "length"
 
 
-def test_release_and_resume_memory(eng, paths):
-    eng.update_weights_from_disk(paths["a"], weight_version="m0")
+def test_release_and_resume_memory(eng, checkpoints):
+    eng.update_weights_from_disk(checkpoints["a"], weight_version="m0")
     ref = greedy(eng)["output_ids"]
     ok, msg = eng.release_memory_occupation(["nope"])
     assert not ok and "Unknown memory tags ['nope']" in msg
@@ -151,13 +145,13 @@ def test_release_and_resume_memory(eng, paths):
     assert ok
     assert eng.runner.kv_pool.k_buffers[0].untyped_storage().nbytes() == 0
     assert eng.runner.model.lm_head.weight.untyped_storage().nbytes() == 0
-    ok, msg = eng.update_weights_from_disk(paths["a"])
+    ok, msg = eng.update_weights_from_disk(checkpoints["a"])
     assert not ok and "released" in msg
     ok, msg = eng.resume_memory_occupation(["weights"])
     assert ok and "dropped" in msg  # on the CPU the values are gone: refuse until an update
     with pytest.raises(WeightsUnusableError, match="update the weights"):
         greedy(eng)
-    ok, _ = eng.update_weights_from_disk(paths["a"], weight_version="m1")
+    ok, _ = eng.update_weights_from_disk(checkpoints["a"], weight_version="m1")
     assert ok
     eng.resume_memory_occupation(["kv_cache"])
     out = greedy(eng)

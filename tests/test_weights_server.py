@@ -37,15 +37,9 @@ CHECK_NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.dow
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_model_dir) -> dict[str, str]:
-    return {"a": tiny_model_dir("llama"), "b": tiny_model_dir("llama", seed=1),
-            "wide": tiny_model_dir("llama", intermediate_size=96)}
-
-
-@pytest.fixture(scope="module")
-def servers(paths):
+def servers(checkpoints):
     # The first receives broadcasts straight into its weights (the default), the second buffers them.
-    procs = [ServerProcess(["--model-path", paths["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
+    procs = [ServerProcess(["--model-path", checkpoints["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
                             "--log-level", "warning", "--weight-version", "v0", "--weight-update-receive", mode])
              for mode in RECEIVE_MODES]
     for p in procs:
@@ -102,17 +96,17 @@ class Trainer:
         self.proc.wait(10)
 
 
-def test_broadcast_to_two_servers(servers, paths):
+def test_broadcast_to_two_servers(servers, checkpoints):
     updates = [{"scale": 0.1, "seed": 3, "version": "v1", "load_format": None},
                {"scale": 0.2, "seed": 4, "version": "v2"}]
-    t = Trainer({"urls": [s.url for s in servers], "port": free_port(), "ckpt": paths["a"], "updates": updates})
+    t = Trainer({"urls": [s.url for s in servers], "port": free_port(), "ckpt": checkpoints["a"], "updates": updates})
     try:
         assert t.line() == "joined"
         for i, u in enumerate(updates):
             assert t.go() == f"done {i}"
-            named = perturbed(paths["a"], u["scale"], u["seed"])
+            named = perturbed(checkpoints["a"], u["scale"], u["seed"])
             for s in servers:
-                check_serves(s, named, u["version"], paths["a"])
+                check_serves(s, named, u["version"], checkpoints["a"])
         assert t.go() == "destroyed"
     finally:
         t.close()
@@ -120,40 +114,40 @@ def test_broadcast_to_two_servers(servers, paths):
     assert r.status_code == 400 and "No weight-update group named 'weight_update_group'" in r.json()["message"]
 
 
-def test_disk_switch_back_and_failures(servers, paths):
+def test_disk_switch_back_and_failures(servers, checkpoints):
     s = servers[0]
-    assert s.post("/update_weights_from_disk", json={"model_path": paths["b"], "weight_version": "b"}).json() == \
+    assert s.post("/update_weights_from_disk", json={"model_path": checkpoints["b"], "weight_version": "b"}).json() == \
         {"success": True, "message": "Succeeded to update model weights."}
-    check_serves(s, None, "b", paths["b"])
-    assert s.get("/get_model_info").json()["model_path"] == paths["b"]
-    r = s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "a"})
+    check_serves(s, None, "b", checkpoints["b"])
+    assert s.get("/get_model_info").json()["model_path"] == checkpoints["b"]
+    r = s.post("/update_weights_from_disk", json={"model_path": checkpoints["a"], "weight_version": "a"})
     assert r.json()["success"]
-    check_serves(s, None, "a", paths["a"])
+    check_serves(s, None, "a", checkpoints["a"])
     r = s.post("/update_weights_from_disk", json={"model_path": "/nope/ckpt", "weight_version": "x"})
     assert r.status_code == 400
     assert r.json() == {"success": False,
                         "message": "Failed to get weights iterator: /nope/ckpt (repository not found)."}
-    r = s.post("/update_weights_from_disk", json={"model_path": paths["wide"], "weight_version": "x"})
+    r = s.post("/update_weights_from_disk", json={"model_path": checkpoints["wide"], "weight_version": "x"})
     assert r.status_code == 400 and not r.json()["success"]
     assert r.json()["message"].startswith("Failed to update weights: Shape mismatch for model.layers.0.mlp.")
     assert r.json()["message"].endswith(".\nRolling back to original weights.")
-    check_serves(s, None, "a", paths["a"])
-    assert s.get("/get_model_info").json()["model_path"] == paths["a"]
+    check_serves(s, None, "a", checkpoints["a"])
+    assert s.get("/get_model_info").json()["model_path"] == checkpoints["a"]
 
 
-def test_tensor_update_over_http(servers, paths):
+def test_tensor_update_over_http(servers, checkpoints):
     s = servers[1]
-    named = perturbed(paths["a"], 0.05, seed=9)
+    named = perturbed(checkpoints["a"], 0.05, seed=9)
     r = s.post("/update_weights_from_tensor", json={"serialized_named_tensors": [encode_named_tensors(named)],
                                                     "weight_version": "t1"})
     assert r.json() == {"success": True, "message": "Succeeded to update model weights."}
-    check_serves(s, named, "t1", paths["a"])
+    check_serves(s, named, "t1", checkpoints["a"])
     import base64
     import pickle
     evil = base64.b64encode(pickle.dumps({"x": 1})).decode()
     r = s.post("/update_weights_from_tensor", json={"serialized_named_tensors": [evil]})
     assert r.status_code == 400 and "pickle" in r.json()["message"]
-    check_serves(s, named, "t1", paths["a"])
+    check_serves(s, named, "t1", checkpoints["a"])
 
 
 @pytest.mark.parametrize("path, body, field", [
@@ -200,11 +194,11 @@ def test_join_without_trainer_fails_in_bounded_time(servers):
 
 @pytest.mark.parametrize("mode", RECEIVE_MODES)
 @pytest.mark.parametrize("load_format, after", [(None, 3), ("flattened_bucket", 2)])
-def test_trainer_killed_mid_broadcast(servers, paths, load_format, after, mode):
+def test_trainer_killed_mid_broadcast(servers, checkpoints, load_format, after, mode):
     s = servers[RECEIVE_MODES.index(mode)]
-    s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "before"})
+    s.post("/update_weights_from_disk", json={"model_path": checkpoints["a"], "weight_version": "before"})
     before = greedy(s)["output_ids"]
-    cfg = {"urls": [s.url], "port": free_port(), "ckpt": paths["a"], "timeout": 30,
+    cfg = {"urls": [s.url], "port": free_port(), "ckpt": checkpoints["a"], "timeout": 30,
            "updates": [{"scale": 0.3, "seed": 5, "version": "never", "load_format": load_format}],
            "kill": {"update": 0, "after": after}}
     t = Trainer(cfg)
@@ -228,16 +222,16 @@ def test_trainer_killed_mid_broadcast(servers, paths, load_format, after, mode):
         assert r.status_code == 503, r.text
         assert "mix of old and new" in r.json()["error"]["message"]
         assert s.get("/health").status_code == 200
-        assert s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "after"}).ok
+        assert s.post("/update_weights_from_disk", json={"model_path": checkpoints["a"], "weight_version": "after"}).ok
         assert greedy(s)["output_ids"] == before
     assert s.post("/destroy_weights_update_group", json={}).json()["success"]
 
 
-def test_pause_in_place_spans_update_and_memory_release(servers, paths):
+def test_pause_in_place_spans_update_and_memory_release(servers, checkpoints):
     import threading
 
     s = servers[1]
-    assert s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "p0"}).ok
+    assert s.post("/update_weights_from_disk", json={"model_path": checkpoints["a"], "weight_version": "p0"}).ok
     assert s.post("/pause_generation", json={"mode": "in_place"}).json()["success"]
     results: list = []
     body = {"input_ids": PROMPT, "return_logprob": True,
@@ -246,17 +240,17 @@ def test_pause_in_place_spans_update_and_memory_release(servers, paths):
     t.start()
     time.sleep(0.5)
     assert not results  # /generate waits while paused
-    assert s.post("/update_weights_from_disk", json={"model_path": paths["b"], "weight_version": "p1"}).ok
+    assert s.post("/update_weights_from_disk", json={"model_path": checkpoints["b"], "weight_version": "p1"}).ok
     assert s.post("/continue_generation", json={}).json()["success"]
     t.join(30)
     out = results[0].json()
     assert out["meta_info"]["output_token_weight_versions"] == ["p1"] * N  # queued: every token from p1
-    assert out["output_ids"] == hf_greedy(paths["b"], PROMPT, N)
+    assert out["output_ids"] == hf_greedy(checkpoints["b"], PROMPT, N)
 
     # Memory: release needs no request holding KV; on the CPU released weights come back empty: 503.
     assert s.post("/release_memory_occupation", json={"tags": ["kv_cache", "weights"]}).json()["success"]
     assert s.post("/resume_memory_occupation", json={}).json()["success"]
     r = s.post("/generate", json=body)
     assert r.status_code == 503 and "update the weights" in r.json()["error"]["message"]
-    assert s.post("/update_weights_from_disk", json={"model_path": paths["a"], "weight_version": "p2"}).ok
-    check_serves(s, None, "p2", paths["a"])
+    assert s.post("/update_weights_from_disk", json={"model_path": checkpoints["a"], "weight_version": "p2"}).ok
+    check_serves(s, None, "p2", checkpoints["a"])

@@ -34,7 +34,10 @@ class StepLog:
     rollout_version: str     # the weight version that produced the step's rollouts
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def argument_parser(module: str, doc: str | None, default_out: str) -> argparse.ArgumentParser:
+    """The options every example shares; `default_out` keeps each example's log and PNG apart."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps (CI runs 2)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (the GRPO group)")
@@ -46,9 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the server idles while the trainer steps (rollouts are synchronous), so both cores")
     p.add_argument("--server-threads", type=int, default=1)
     p.add_argument("--model-path", default=None, help="policy (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default="grpo_out", help="folder for the log (JSONL) and the reward curve (PNG)")
+    p.add_argument("--out", default=default_out, help="folder for the log (JSONL) and the reward curve (PNG)")
     p.add_argument("--verify", action="store_true", help="read weights back from the servers after each push")
     p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def token_logprobs(model: torch.nn.Module, seqs: list[list[int]], starts: list[int]) -> list[torch.Tensor]:

@@ -8,7 +8,6 @@ Starts one rollout server (SmolLM2-135M-Instruct) beside the trainer, or uses --
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import rollout
@@ -17,9 +16,7 @@ from trainer_examples.weight_sync import BroadcastSync
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer_examples.grpo_cpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    grpo.add_arguments(p)
+    p = grpo.argument_parser("trainer_examples.grpo_cpu", __doc__, default_out="grpo_out")
     p.add_argument("--url", default=None, help="use this running server instead of starting one")
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:

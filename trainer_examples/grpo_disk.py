@@ -9,7 +9,6 @@ importance ratio against the rollout logprobs keeps the update correct.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 
@@ -19,14 +18,10 @@ from trainer_examples.weight_sync import DiskSync
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer_examples.grpo_disk", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    grpo.add_arguments(p)
+    p = grpo.argument_parser("trainer_examples.grpo_disk", __doc__, default_out="grpo_disk_out")
     p.add_argument("--every", type=int, default=2, help="sync every k steps")
     p.add_argument("--url", default=None, help="use this running server instead of starting one")
     args = p.parse_args(argv)
-    if args.out == "grpo_out":
-        args.out = "grpo_disk_out"
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(rollout.launch_server(args.model_path, num_threads=args.server_threads)).url
         client = stack.enter_context(rollout.RolloutClient([url]))

@@ -11,7 +11,6 @@ importance-ratio loss against the rollout logprobs updates the policy, pushed by
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 
@@ -42,12 +41,8 @@ def make_reward_model(base: str, path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer_examples.ppo_reward_model", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    grpo.add_arguments(p)
+    p = grpo.argument_parser("trainer_examples.ppo_reward_model", __doc__, default_out="ppo_rm_out")
     args = p.parse_args(argv)
-    if args.out == "grpo_out":
-        args.out = "ppo_rm_out"
     from runtime.default_model import default_model_path
 
     base = args.model_path or default_model_path()

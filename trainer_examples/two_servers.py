@@ -9,7 +9,6 @@ one server); after the run both servers are checked to hold the trainer's weight
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections import Counter
 
@@ -20,12 +19,8 @@ from trainer_examples.weight_sync import BroadcastSync
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer_examples.two_servers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    grpo.add_arguments(p)
+    p = grpo.argument_parser("trainer_examples.two_servers", __doc__, default_out="two_servers_out")
     args = p.parse_args(argv)
-    if args.out == "grpo_out":
-        args.out = "two_servers_out"
     args.verify = True  # read weights back from both servers after every push
     with contextlib.ExitStack() as stack:
         servers = [rollout.LocalServer(args.model_path, num_threads=args.server_threads).spawn() for _ in range(2)]

@@ -21,99 +21,12 @@ from typing import Any
 import zmq
 
 from rollout.ipc import InputCodec, IpcAddresses, OutputCodec, configure
-from runtime.messages import (AbortRequestsExact, EmbedRequest, EngineFailed, EngineReady, GenerateRequest,
-                              HealthCheckRequest,
-                              HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
-from runtime.server_args import ServerArgs
+from runtime.messages import EngineFailed, EngineReady
+from runtime.server_args import ServerArgs, set_process_threads
 
 logger = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0  # how often an idle engine checks that the HTTP process still exists
-
-
-class ServingScheduler:
-    """The runtime's Scheduler plus the server's own control messages (exact aborts, health pings,
-    live-state queries). Duck-types the Scheduler for run_scheduler_loop; everything else delegates."""
-
-    def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
-
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    def step(self) -> list:
-        return self.scheduler.step()
-
-    def abort(self, rid: str, abort_all: bool = False, message: str = "Aborted by the client.") -> list:
-        return self.scheduler.abort(rid, abort_all, message=message)
-
-    def handle(self, msg: Any) -> list:
-        if isinstance(msg, HealthCheckRequest):
-            return [HealthCheckResult(id=msg.id)]
-        if isinstance(msg, ServerStateRequest):
-            return [ServerStateResult(id=msg.id, state=self.state())]
-        if isinstance(msg, AbortRequestsExact):
-            return self.abort_exact(msg.rids, msg.message)
-        if isinstance(msg, (GenerateRequest, EmbedRequest)):
-            try:
-                return self.scheduler.handle(msg)
-            except ValueError as e:  # the front end checks first; never leave a client waiting
-                return [RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids),
-                                      cached_tokens=0, weight_version=self.scheduler.weight_version,
-                                      finished=True, finish_reason={"type": "abort", "message": str(e)})]
-        return self.scheduler.handle(msg)
-
-    def abort_exact(self, rids: list[str], message: str) -> list[RequestOutput]:
-        s = self.scheduler
-        outputs = []
-        for rid in rids:
-            req = s.requests.get(rid)
-            if req is None:
-                continue
-            # What Scheduler.abort does for each match, for one rid only (abort() matches prefixes).
-            req.finish_reason = {"type": "abort", "message": message}
-            s._finish(req)
-            outputs.append(s._output(req))
-        return outputs
-
-    def state(self) -> dict:
-        s = self.scheduler
-        if hasattr(s, "live_state"):  # an encoder's scheduler: no KV pool or radix cache to report
-            return s.live_state()
-        total = s.allocator.num_pages * s.page_size
-        available = s.allocator.available_tokens()
-        cached = s.cache.total_size()
-        idle_clean, integrity_error = False, None
-        if not s.requests:  # the full check walks the cache: only worth it (and only true) when idle
-            try:
-                idle_clean = s.is_idle_clean()
-            except AssertionError as e:  # the radix cache's own check failed: report it, do not crash
-                integrity_error = str(e) or "radix cache integrity check failed"
-        return {
-            "num_running_reqs": len(s.running),
-            "num_waiting_reqs": len(s.waiting),
-            "num_engine_reqs": len(s.requests),
-            "max_total_num_tokens": total,
-            "kv_available_tokens": available,
-            "kv_used_tokens": total - available,
-            "cache_tokens": cached,
-            "cache_evictable_tokens": s.cache.evictable_size(),
-            "cache_protected_tokens": s.cache.protected_size(),
-            "token_usage": round((total - available - s.cache.evictable_size()) / max(total, 1), 6),
-            "req_pool_available": s.req_pool.available(),
-            "req_pool_size": s.req_pool.num_rows,
-            "idle_clean": idle_clean,
-            "integrity_error": integrity_error,
-            "num_retractions": s.num_retractions,
-            "forward_steps": s.forward_steps,
-            "weight_version": s.weight_version,
-            "paused": s.paused,
-            "weights_unusable": s.unusable,
-            "memory_released": s.memory_released,
-            "num_weight_updates": s.controller.num_updates,
-            "weight_update_seconds": round(s.controller.update_seconds, 6),
-            "engine_pid": os.getpid(),
-        }
 
 
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
@@ -146,6 +59,7 @@ def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> No
         on_parent_death()
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s engine %(levelname)s %(name)s: %(message)s")
+    set_process_threads(args)  # this process is the engine's alone
 
     ctx = zmq.Context()
     pull = configure(ctx.socket(zmq.PULL))
@@ -162,10 +76,9 @@ def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> No
         push.close(linger=1000)
         sys.exit(1)
     runner = scheduler.runner
-    from runtime.scheduler_factory import max_total_num_tokens
     push.send(out_codec.encode([EngineReady(
         vocab_size=runner.vocab_size, context_len=runner.context_len,
-        max_total_num_tokens=max_total_num_tokens(scheduler),
+        max_total_num_tokens=scheduler.max_total_num_tokens,
         max_running_requests=args.max_running_requests, weight_version=scheduler.weight_version,
         device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""))]))
 
@@ -199,7 +112,7 @@ def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> No
 
     from runtime.scheduler_loop import run_scheduler_loop
     try:
-        run_scheduler_loop(ServingScheduler(scheduler), receive, send, stop)
+        run_scheduler_loop(scheduler, receive, send, stop)
     finally:
         pull.close()
         push.close()

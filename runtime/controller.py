@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
-
-import torch
+from typing import Any, Callable, Protocol
 
 from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
                               GetWeightsByNameReq, InitWeightsUpdateGroupReq, PauseGenerationReq, ReleaseMemoryReq,
@@ -32,9 +30,6 @@ from runtime.weight_updater import WeightUpdater
 from sync.errors import BroadcastError, CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
 from sync.report import UpdateReport
 
-if TYPE_CHECKING:
-    from runtime.request import Request
-
 logger = logging.getLogger(__name__)
 
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -43,27 +38,31 @@ MEMORY_TAGS = ("kv_cache", "weights")
 
 
 class Controlled(Protocol):
-    """What the controller needs of a scheduler. runtime/scheduler.py's Scheduler (paged KV, prefix cache)
-    and runtime/encoder_scheduler.py's EncoderScheduler (bidirectional encoders) both provide it.
+    """What the controller needs of a scheduler: runtime/scheduler_base.py's SchedulerBase, which both
+    runtime/scheduler.py's Scheduler (paged KV, prefix cache) and runtime/encoder_scheduler.py's
+    EncoderScheduler (bidirectional encoders, no KV: its KV methods do nothing) provide."""
 
-    `has_kv_cache` False means nothing computed under the old weights outlives a step (an encoder runs
-    whole sequences and keeps no KV), so an update has no KV to invalidate and `running` is empty between
-    steps; only the Scheduler is then asked for its KV pool, radix cache and retraction."""
-
-    has_kv_cache: bool
-    runner: Any                 # .model (the HF-named weight interface) and .device
+    runner: Any                 # .model (the HF-named weight interface), .device, .args
     weight_version: str
     paused: str | None
     unusable: str | None
     memory_released: bool
     running: list
 
-    def abort(self, rid: str, abort_all: bool = False, message: str = ...) -> list: ...
+    def abort(self, rid: str = "", abort_all: bool = False, message: str = ...) -> list: ...
+
+    def invalidate_kv(self) -> None: ...
+
+    def retract_all(self) -> None: ...
+
+    def release_kv_memory(self) -> bool: ...
+
+    def resume_kv_memory(self) -> None: ...
 
 
 class Controller:
     def __init__(self, scheduler: Controlled):
-        self.s: Any = scheduler  # Any: the KV paths below reach Scheduler-only members, behind has_kv_cache
+        self.s = scheduler
         self.updater = WeightUpdater(scheduler.runner.model, scheduler.runner.device,
                                      receive_mode=scheduler.runner.args.weight_update_receive)
         # Parts of an update (buckets, per-tensor requests without a weight_version) applied since the
@@ -73,6 +72,24 @@ class Controller:
         self.num_updates = 0
         self.update_seconds = 0.0
         self._next_watch = 0.0
+        self._handlers: dict[type, Callable[[Any, list], ControlResult]] = {
+            UpdateWeightsFromDiskReq: self._update_from_disk,
+            UpdateWeightsFromDistributedReq: self._update_from_distributed,
+            UpdateWeightsFromTensorReq: self._update_from_tensor,
+            UpdateWeightsFromLocalTensorsReq: self._update_from_local_tensors,
+            UpdateWeightVersionReq: self._update_weight_version,
+            InitWeightsUpdateGroupReq: self._init_group,
+            DestroyWeightsUpdateGroupReq: self._destroy_group,
+            GetWeightsByNameReq: self._get_weights,
+            PauseGenerationReq: self._pause,
+            ContinueGenerationReq: self._continue,
+            ReleaseMemoryReq: self._release_memory,
+            ResumeMemoryReq: self._resume_memory,
+        }
+
+    def message_types(self) -> list[type]:
+        """The control messages handle() answers."""
+        return list(self._handlers)
 
     def poll(self) -> list:
         """Before a step: if an update is in parts and its trainer died between parts, the weights stay a mix
@@ -93,7 +110,7 @@ class Controller:
     # --- dispatch -------------------------------------------------------------------------------
 
     def handle(self, msg: Any) -> list:
-        handler = getattr(self, "_on_" + type(msg).__name__)
+        handler = self._handlers[type(msg)]
         outputs: list = []
         try:
             result = handler(msg, outputs)
@@ -125,7 +142,7 @@ class Controller:
                 self._set_unusable(message, outputs)
             logger.error("%s", message)
             return self._result(msg, False, message)
-        self.invalidate_kv()
+        self.s.invalidate_kv()
         if getattr(msg, "weight_version", None) is not None:
             self.s.weight_version = msg.weight_version
         self.partial_parts = 0 if complete or getattr(msg, "weight_version", None) is not None else \
@@ -153,29 +170,27 @@ class Controller:
         self.s.unusable = message
         outputs += self.s.abort("", abort_all=True, message=message)
 
-    def _on_UpdateWeightsFromDiskReq(self, msg: UpdateWeightsFromDiskReq, outputs: list) -> ControlResult:
+    def _update_from_disk(self, msg: UpdateWeightsFromDiskReq, outputs: list) -> ControlResult:
         if msg.abort_all_requests:
             outputs += self.s.abort("", abort_all=True, message="Aborted: the weights are being updated.")
         return self._update(msg, outputs, lambda: self.updater.from_disk(msg.model_path, msg.load_format),
                             "Succeeded to update model weights.", "Failed to update weights: ", complete=True)
 
-    def _on_UpdateWeightsFromDistributedReq(self, msg: UpdateWeightsFromDistributedReq,
-                                            outputs: list) -> ControlResult:
+    def _update_from_distributed(self, msg: UpdateWeightsFromDistributedReq, outputs: list) -> ControlResult:
         return self._update(msg, outputs, lambda: self.updater.from_distributed(msg),
                             "Succeeded to update parameter online.", "Failed to update parameter online: ",
                             complete=False)
 
-    def _on_UpdateWeightsFromTensorReq(self, msg: UpdateWeightsFromTensorReq, outputs: list) -> ControlResult:
+    def _update_from_tensor(self, msg: UpdateWeightsFromTensorReq, outputs: list) -> ControlResult:
         return self._update(msg, outputs,
                             lambda: self.updater.from_serialized(msg.serialized_named_tensors, msg.load_format),
                             "Succeeded to update model weights.", "Failed to update weights: ", complete=False)
 
-    def _on_UpdateWeightsFromLocalTensorsReq(self, msg: UpdateWeightsFromLocalTensorsReq,
-                                             outputs: list) -> ControlResult:
+    def _update_from_local_tensors(self, msg: UpdateWeightsFromLocalTensorsReq, outputs: list) -> ControlResult:
         return self._update(msg, outputs, lambda: self.updater.from_named_tensors(msg.named_tensors),
                             "Succeeded to update model weights.", "Failed to update weights: ", complete=False)
 
-    def _on_UpdateWeightVersionReq(self, msg: UpdateWeightVersionReq, outputs: list) -> ControlResult:
+    def _update_weight_version(self, msg: UpdateWeightVersionReq, outputs: list) -> ControlResult:
         if msg.abort_all_requests:
             outputs += self.s.abort("", abort_all=True, message="Aborted: the weight version changed.")
         self.s.weight_version = msg.new_version
@@ -184,7 +199,7 @@ class Controller:
 
     # --- groups and reads -----------------------------------------------------------------------
 
-    def _on_InitWeightsUpdateGroupReq(self, msg: InitWeightsUpdateGroupReq, outputs: list) -> ControlResult:
+    def _init_group(self, msg: InitWeightsUpdateGroupReq, outputs: list) -> ControlResult:
         try:
             where = self.updater.init_group(msg)
         except Exception as e:  # GroupJoinError names the address, rank and timeout
@@ -192,14 +207,14 @@ class Controller:
         logger.info("Joined weight-update group %r (%s).", msg.group_name, where)
         return self._result(msg, True, "Succeeded to initialize custom process group.")
 
-    def _on_DestroyWeightsUpdateGroupReq(self, msg: DestroyWeightsUpdateGroupReq, outputs: list) -> ControlResult:
+    def _destroy_group(self, msg: DestroyWeightsUpdateGroupReq, outputs: list) -> ControlResult:
         try:
             self.updater.destroy_group(msg.group_name)
         except Exception as e:
             return self._result(msg, False, f"Failed to destroy custom process group: {e}")
         return self._result(msg, True, "Succeeded to destroy custom process group.")
 
-    def _on_GetWeightsByNameReq(self, msg: GetWeightsByNameReq, outputs: list) -> ControlResult:
+    def _get_weights(self, msg: GetWeightsByNameReq, outputs: list) -> ControlResult:
         try:
             values = self.updater.get_weights(msg.name, msg.truncate_size)
         except WeightUpdateError as e:
@@ -208,18 +223,17 @@ class Controller:
 
     # --- pause ----------------------------------------------------------------------------------
 
-    def _on_PauseGenerationReq(self, msg: PauseGenerationReq, outputs: list) -> ControlResult:
+    def _pause(self, msg: PauseGenerationReq, outputs: list) -> ControlResult:
         if msg.mode not in PAUSE_MODES:
             return self._result(msg, False, f"mode must be one of {list(PAUSE_MODES)}, got {msg.mode!r}.")
         if msg.mode == "abort":
             outputs += self.s.abort("", abort_all=True, message="Aborted by pause_generation.")
-        elif msg.mode == "retract" and self.s.has_kv_cache:
-            for req in reversed(list(self.s.running)):  # appendleft in reverse keeps their order
-                self.s._retract(req)
+        elif msg.mode == "retract":
+            self.s.retract_all()
         self.s.paused = msg.mode
         return self._result(msg, True, f"Generation paused ({msg.mode}).")
 
-    def _on_ContinueGenerationReq(self, msg: ContinueGenerationReq, outputs: list) -> ControlResult:
+    def _continue(self, msg: ContinueGenerationReq, outputs: list) -> ControlResult:
         self.s.paused = None
         return self._result(msg, True, "Generation continued.")
 
@@ -232,7 +246,7 @@ class Controller:
             raise ValueError(f"Unknown memory tags {bad}; known: {list(MEMORY_TAGS)}.")
         return tags
 
-    def _on_ReleaseMemoryReq(self, msg: ReleaseMemoryReq, outputs: list) -> ControlResult:
+    def _release_memory(self, msg: ReleaseMemoryReq, outputs: list) -> ControlResult:
         try:
             tags = self._tags(msg.tags)
         except ValueError as e:
@@ -240,23 +254,21 @@ class Controller:
         if self.s.running:
             return self._result(msg, False, f"Cannot release memory while {len(self.s.running)} requests hold KV "
                                             "cache; pause_generation with mode 'abort' or 'retract' first.")
-        if "kv_cache" in tags and not self.kv_released and self.s.has_kv_cache:
-            self.s.cache.reset()
-            self.s.runner.kv_pool.release()
-            self.kv_released = True
+        if "kv_cache" in tags and not self.kv_released:
+            self.kv_released = self.s.release_kv_memory()
         if "weights" in tags:
             self.updater.release()
         self.s.memory_released = self.kv_released or self.updater.released
         return self._result(msg, True, f"Released {tags}.")
 
-    def _on_ResumeMemoryReq(self, msg: ResumeMemoryReq, outputs: list) -> ControlResult:
+    def _resume_memory(self, msg: ResumeMemoryReq, outputs: list) -> ControlResult:
         try:
             tags = self._tags(msg.tags)
         except ValueError as e:
             return self._result(msg, False, str(e))
         message = f"Resumed {tags}."
         if "kv_cache" in tags and self.kv_released:
-            self.s.runner.kv_pool.resume()
+            self.s.resume_kv_memory()
             self.kv_released = False
         if "weights" in tags and self.updater.released and not self.updater.resume():
             message += " The weights' values were dropped (CPU): push an update before generating."
@@ -264,38 +276,3 @@ class Controller:
                                "before generating.")
         self.s.memory_released = self.kv_released or self.updater.released
         return self._result(msg, True, message)
-
-    # --- the prefix cache after new weights -----------------------------------------------------
-
-    def invalidate_kv(self) -> None:
-        """No KV computed under the old weights may be reused: mark held KV stale, drop the cache."""
-        s = self.s
-        if not s.has_kv_cache:
-            return
-        for req in list(s.running):
-            req.kv_stale = True
-            if req.prefix_len > 0 and not self._own_prefix(req):
-                s._retract(req)  # no memory for a private copy: recompute under the new weights
-        assert s.cache.protected_size() == 0, "a running request still holds a cached prefix"
-        s.cache.reset()
-
-    def _own_prefix(self, req: "Request") -> bool:
-        """Copy the cached prefix `req` reads into slots of its own and unlock it; False if no memory."""
-        s = self.s
-        n = req.prefix_len
-        if not s._ensure_free(s._tokens_to_alloc(0, n)):
-            return False
-        new = s.allocator.alloc_tokens(0, -1, n)
-        if new is None:
-            return False
-        old = s.req_pool.read(req.req_pool_row, 0, n).clone()
-        pool = s.runner.kv_pool
-        with torch.no_grad():
-            for k, v in zip(pool.k_buffers, pool.v_buffers):
-                k[new] = k[old]
-                v[new] = v[old]
-        s.req_pool.write(req.req_pool_row, 0, new)
-        s.cache.dec_lock(req.last_node)
-        req.last_node = s.cache.root
-        req.prefix_len = 0
-        return True

@@ -25,8 +25,6 @@ class EncoderRunner:
         self.args = args
         self.device = torch.device(args.device)
         self.dtype = args.torch_dtype
-        if args.num_threads and self.device.type == "cpu":
-            torch.set_num_threads(args.num_threads)
         self.hf_config = load_hf_config(args.model_path)
         model_cls = get_model_class(list(getattr(self.hf_config, "architectures", None) or []), is_embedding=True)
         with torch.device(self.device):

@@ -11,15 +11,11 @@ output carries the version of the weights its single forward pass ran under.
 from __future__ import annotations
 
 import logging
-import os
-from collections import deque
 from dataclasses import dataclass
 
-from runtime.controller import Controller
 from runtime.encoder_runner import EncoderRunner
-from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult,
-                              GenerateRequest, RequestOutput, SchedulerInput)
-from runtime.request_aborter import RequestAborter
+from runtime.messages import EmbedRequest, FlushCacheResult, GenerateRequest, RequestOutput
+from runtime.scheduler_base import SchedulerBase
 
 logger = logging.getLogger(__name__)
 
@@ -33,50 +29,26 @@ class EncoderRequest:
     embedding: list[float] | None = None
 
 
-class EncoderScheduler(RequestAborter):
-    has_kv_cache = False  # runtime/controller.py: nothing computed under old weights survives a step
-
+class EncoderScheduler(SchedulerBase):
     def __init__(self, runner: EncoderRunner):
-        self.runner = runner
-        self.args = runner.args
-        self.weight_version = runner.args.weight_version
+        super().__init__(runner)  # `running` holds requests only during a step: nothing stays between steps
         # The budget is per step; a sequence longer than it still runs, alone.
         self.max_batch_tokens = runner.args.chunked_prefill_size
-        self.waiting: deque[EncoderRequest] = deque()
-        self.running: list[EncoderRequest] = []   # only during a step: nothing stays between steps
-        self.requests: dict[str, EncoderRequest] = {}
-        self.forward_steps = 0
-        # Generation control, as Scheduler's: a pause mode, released memory (requests wait), or why the
-        # weights cannot serve (requests are refused with it).
-        self.paused: str | None = None
-        self.memory_released = False
-        self.unusable: str | None = None
-        self.controller = Controller(self)
 
-    def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
-        if isinstance(msg, EmbedRequest):
-            refused = self.refusal(msg)
-            if not refused:
-                self.add_request(msg)
-            return refused
-        if isinstance(msg, AbortRequest):
-            return self.abort(msg.rid, msg.abort_all)
-        if isinstance(msg, FlushCacheRequest):  # nothing is cached
-            return [FlushCacheResult(success=not self.requests,
-                                     message="Cache flushed." if not self.requests else
-                                     "Cache not flushed: there are running or waiting requests.")]
-        if isinstance(msg, CONTROL_TYPES):
-            return self.controller.handle(msg)
-        if isinstance(msg, GenerateRequest):
-            raise ValueError(f"Request {msg.rid!r}: an encoder model cannot generate.")
-        raise TypeError(f"Unknown scheduler message {type(msg).__name__}")
+    def add_request(self, msg: GenerateRequest) -> None:
+        raise ValueError(f"Request {msg.rid!r}: an encoder model cannot generate.")
 
-    def add_request(self, msg: EmbedRequest) -> None:
+    def add_embed_request(self, msg: EmbedRequest) -> None:
         if msg.rid in self.requests:
             raise ValueError(f"Duplicate request id rid={msg.rid!r}: a request with it is still running.")
         req = EncoderRequest(msg.rid, list(msg.input_ids), msg.token_type_ids)
         self.requests[req.rid] = req
         self.waiting.append(req)
+
+    def flush_cache(self) -> FlushCacheResult:  # nothing is cached
+        if self.requests:
+            return FlushCacheResult(success=False, message="Cache not flushed: there are running or waiting requests.")
+        return FlushCacheResult(success=True, message="Cache flushed.")
 
     def has_work(self) -> bool:
         if self.paused is not None or self.memory_released:
@@ -117,7 +89,21 @@ class EncoderScheduler(RequestAborter):
                              weight_version=self.weight_version, finished=True, finish_reason=req.finish_reason,
                              embedding=req.embedding)
 
-    # --- checks for tests and metrics -----------------------------------------------------------
+    # --- no KV: nothing computed under old weights survives a step, nothing to retract or release ---
+
+    def invalidate_kv(self) -> None:
+        pass
+
+    def retract_all(self) -> None:
+        pass
+
+    def release_kv_memory(self) -> bool:
+        return False
+
+    def resume_kv_memory(self) -> None:
+        pass
+
+    # --- state ----------------------------------------------------------------------------------
 
     def is_idle_clean(self) -> bool:
         return not self.requests and not self.waiting and not self.running
@@ -126,12 +112,10 @@ class EncoderScheduler(RequestAborter):
     def max_total_num_tokens(self) -> int:
         return self.max_batch_tokens
 
-    def live_state(self) -> dict:
+    def state(self) -> dict:
         """The keys of the decoder scheduler's live state that mean something without a KV pool."""
         return {
-            "num_running_reqs": len(self.running),
-            "num_waiting_reqs": len(self.waiting),
-            "num_engine_reqs": len(self.requests),
+            **self.base_state(),
             "max_total_num_tokens": self.max_batch_tokens,
             "kv_available_tokens": 0,
             "kv_used_tokens": 0,
@@ -142,12 +126,4 @@ class EncoderScheduler(RequestAborter):
             "idle_clean": self.is_idle_clean(),
             "integrity_error": None,
             "num_retractions": 0,
-            "forward_steps": self.forward_steps,
-            "weight_version": self.weight_version,
-            "paused": self.paused,
-            "weights_unusable": self.unusable,
-            "memory_released": self.memory_released,
-            "num_weight_updates": self.controller.num_updates,
-            "weight_update_seconds": round(self.controller.update_seconds, 6),
-            "engine_pid": os.getpid(),
         }

@@ -28,7 +28,7 @@ from runtime.response import ResponseBuilder
 from runtime.scheduler_factory import build_scheduler
 from runtime.scheduler_loop import run_scheduler_loop
 from runtime.scoring_input import NEEDS_GENERATION
-from runtime.server_args import ServerArgs
+from runtime.server_args import ServerArgs, set_process_threads
 from sync.specs import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,13 @@ class WeightsUnusableError(RuntimeError):
 
 
 class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_scoring.py
+    """The runtime in this process: `Engine(model_path, **server_args)` takes runtime/server_args.py's
+    ServerArgs fields as keywords (model_path None: the default model).
+
+    Threads: an Engine leaves torch's thread count alone, since it belongs to the process that embeds it
+    (a trainer, say). Pass `num_threads=N` to have the Engine call torch.set_num_threads(N) (on CPU) for
+    the whole process; the server's engine process does that from its own arguments."""
+
     def __init__(self, model_path: str | None = None, progress: bool = True, **server_args: Any):
         unknown = set(server_args) - ServerArgs.field_names()
         if unknown:
@@ -48,6 +55,7 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
             from runtime.default_model import default_model_path
             model_path = default_model_path()
         self.args = ServerArgs(model_path=model_path, **server_args)
+        set_process_threads(self.args)  # only if the caller passed num_threads
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if not self.args.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path)

@@ -30,6 +30,13 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_buffers + self.v_buffers)
 
+    @torch.no_grad()
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's keys and values of slots `src` into slots `dst`."""
+        for k, v in zip(self.k_buffers, self.v_buffers):
+            k[dst] = k[src]
+            v[dst] = v[src]
+
     def release(self) -> None:
         """Free the buffers' memory; the tensor objects stay (the attention backend holds them)."""
         for t in self.k_buffers + self.v_buffers:

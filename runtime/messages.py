@@ -81,7 +81,7 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
 SchedulerInput = GenerateRequest | EmbedRequest | AbortRequest | FlushCacheRequest
 
 
-# --- the HTTP server's engine process (rollout/) ---------------------------------------------------
+# --- what the HTTP server's engine process also sends (rollout/); every scheduler answers them -------
 # Control messages travel on the same queue as requests, so the engine answers them in order.
 
 
@@ -105,7 +105,7 @@ class ServerStateRequest(msgspec.Struct, tag=True, kw_only=True):
 
 
 class ServerStateResult(msgspec.Struct, tag=True, kw_only=True):
-    """Live state of the scheduler: load, KV pool and radix cache (see rollout/engine_process.py)."""
+    """Live state of the scheduler: load, KV pool and radix cache (runtime/scheduler.py's `state()`)."""
 
     id: int
     state: dict
@@ -239,7 +239,3 @@ ControlRequest = (UpdateWeightsFromDiskReq | InitWeightsUpdateGroupReq | UpdateW
                   | DestroyWeightsUpdateGroupReq | UpdateWeightsFromTensorReq | GetWeightsByNameReq
                   | UpdateWeightVersionReq | PauseGenerationReq | ContinueGenerationReq | ReleaseMemoryReq
                   | ResumeMemoryReq)
-CONTROL_TYPES = (UpdateWeightsFromDiskReq, InitWeightsUpdateGroupReq, UpdateWeightsFromDistributedReq,
-                 DestroyWeightsUpdateGroupReq, UpdateWeightsFromTensorReq, UpdateWeightsFromLocalTensorsReq,
-                 GetWeightsByNameReq, UpdateWeightVersionReq, PauseGenerationReq, ContinueGenerationReq,
-                 ReleaseMemoryReq, ResumeMemoryReq)

@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from runtime.attention.base import create_attention_backend
+from runtime.attention.registry import create_attention_backend
 from sync.flat_parameters import flatten_parameters
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
@@ -28,8 +28,6 @@ class ModelRunner:
         self.args = args
         self.device = torch.device(args.device)
         self.dtype = args.torch_dtype
-        if args.num_threads and self.device.type == "cpu":
-            torch.set_num_threads(args.num_threads)
         self.hf_config = hf_config or load_hf_config(args.model_path)
         self.context_len = args.context_length or self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size

@@ -34,15 +34,14 @@ class RadixCache:
     Slot ownership: slots stored in the tree belong to the tree. `insert` returns how much of
     the key was already cached; the caller then frees its own copies of that range (except any
     part it got from `match_prefix`, which already is the tree's) and keeps everything past the
-    page-aligned end. When `disable` is set the tree takes nothing, so the caller frees all.
+    page-aligned end. Whether to cache at all is the caller's choice (runtime/cache_manager.py).
     """
 
-    def __init__(self, allocator: PageAllocator, page_size: int = 1, disable: bool = False):
+    def __init__(self, allocator: PageAllocator, page_size: int = 1):
         if allocator.page_size != page_size:
             raise ValueError(f"allocator page_size {allocator.page_size} != cache page_size {page_size}")
         self.allocator = allocator
         self.page_size = page_size
-        self.disable = disable
         self._init_tree()
 
     def _init_tree(self) -> None:
@@ -72,8 +71,6 @@ class RadixCache:
 
     def match_prefix(self, token_ids: list[int]) -> MatchResult:
         """Longest cached page-aligned prefix; the matched path counts as recently used."""
-        if self.disable:
-            return MatchResult(self.root.value.clone(), self.root)
         token_ids = token_ids if isinstance(token_ids, list) else list(token_ids)
         end = len(token_ids) - len(token_ids) % self.page_size
         self._clock += 1
@@ -97,8 +94,6 @@ class RadixCache:
 
     def insert(self, token_ids: list[int], slots: torch.Tensor) -> int:
         """Cache the page-aligned part of `token_ids` -> `slots`; returns the length already cached."""
-        if self.disable:
-            return 0
         token_ids = token_ids if isinstance(token_ids, list) else list(token_ids)
         end = len(token_ids) - len(token_ids) % self.page_size
         assert slots.numel() >= end, "fewer slots than tokens"

@@ -2,9 +2,10 @@
 
 Every running request extends its sequence by the tokens whose KV is missing: a whole prompt chunk
 (prefill, possibly on top of a cached prefix) or its newest token (decode). Both kinds run in one
-forward pass. KV memory comes from the page allocator; the radix cache shares prefixes between
-requests, and when memory runs out the scheduler evicts cached prefixes, then retracts requests
-(frees their KV and re-queues them; they recompute it later and continue where they stopped).
+forward pass. Where their KV lives is runtime/cache_manager.py's business (paged slots, a radix cache
+sharing prefixes between requests, eviction); when memory runs out even after eviction, the scheduler
+retracts requests (frees their KV and re-queues them; they recompute it later and continue where they
+stopped).
 """
 
 from __future__ import annotations
@@ -12,23 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from runtime.controller import Controller
+from runtime.cache_manager import CacheManager
 from runtime.forward_batch import ForwardBatch
-from runtime.messages import (CONTROL_TYPES, AbortRequest, EmbedRequest, FlushCacheRequest, FlushCacheResult, GenerateRequest,
-                              RequestOutput, SchedulerInput)
+from runtime.messages import EmbedRequest, FlushCacheResult, GenerateRequest, RequestOutput
 from runtime.model_runner import ModelRunner
-from runtime.page_allocator import PageAllocator
-from runtime.radix_cache import RadixCache
-from runtime.req_to_token_pool import ReqToTokenPool
 from runtime.request import Request, RequestStatus
-from runtime.request_aborter import RequestAborter
 from runtime.sampler import Sampler, logprob_entries, processed_logprobs
 from runtime.sampling_params import SamplingParams
+from runtime.scheduler_base import SchedulerBase
 from runtime.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -50,57 +46,22 @@ class _Scheduled:
     kv_start: int
 
 
-class Scheduler(RequestAborter):
-    has_kv_cache = True  # runtime/controller.py invalidates its KV and prefix cache after an update
-
+class Scheduler(SchedulerBase):
     def __init__(self, runner: ModelRunner, eos_token_ids: set[int], stop_checker: StopChecker | None = None):
+        super().__init__(runner)
         args = runner.args
-        self.args = args
-        self.runner = runner
         self.page_size = args.page_size
         self.context_len = runner.context_len
         self.vocab_size = runner.vocab_size
         self.eos_token_ids = eos_token_ids
         self.stop_checker = stop_checker
-        pool = runner.kv_pool
-        self.allocator = PageAllocator(pool.num_slots // self.page_size, self.page_size, pool.device)
-        self.cache = RadixCache(self.allocator, self.page_size, disable=args.disable_radix_cache)
-        self.req_pool = ReqToTokenPool(args.max_running_requests, self.context_len, pool.pad_slot, pool.device)
+        self.cache_manager = CacheManager(runner.kv_pool, self.page_size, args.max_running_requests,
+                                          self.context_len, prefix_caching=not args.disable_radix_cache)
         self.sampler = Sampler(self.vocab_size, eos_token_ids)
         self.rng = random.Random(args.random_seed)
-        self.weight_version = args.weight_version
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
         self.num_retractions = 0
-        self.forward_steps = 0
-        # Generation control (runtime/controller.py): a pause mode, released memory, or why the weights
-        # cannot serve (a broken update). While paused or released, requests queue and wait.
-        self.paused: str | None = None
-        self.memory_released = False
-        self.unusable: str | None = None
-        self.controller = Controller(self)
 
     # --- messages -------------------------------------------------------------------------------
-
-    def handle(self, msg: SchedulerInput) -> list[RequestOutput | FlushCacheResult]:
-        if isinstance(msg, GenerateRequest):
-            refused = self.refusal(msg)
-            if not refused:
-                self.add_request(msg)
-            return refused
-        if isinstance(msg, EmbedRequest):
-            refused = self.refusal(msg)
-            if not refused:
-                self.add_embed_request(msg)
-            return refused
-        if isinstance(msg, AbortRequest):
-            return self.abort(msg.rid, msg.abort_all)
-        if isinstance(msg, FlushCacheRequest):
-            return [self.flush_cache()]
-        if isinstance(msg, CONTROL_TYPES):
-            return self.controller.handle(msg)
-        raise TypeError(f"Unknown scheduler message {type(msg).__name__}")
 
     def add_request(self, msg: GenerateRequest) -> None:
         if msg.rid in self.requests:
@@ -122,9 +83,7 @@ class Scheduler(RequestAborter):
     def flush_cache(self) -> FlushCacheResult:
         if self.requests:
             return FlushCacheResult(success=False, message="Cache not flushed: there are running or waiting requests.")
-        self.cache.reset()
-        self.allocator.reset()
-        self.req_pool.reset()
+        self.cache_manager.reset()
         return FlushCacheResult(success=True, message="Cache flushed.")
 
     def has_work(self) -> bool:
@@ -141,7 +100,7 @@ class Scheduler(RequestAborter):
             return stopped
         decodes = self._alloc_decode_slots([r for r in self.running if r.num_uncomputed == 1])
         if len(decodes) > 1:  # requests sharing a cached prefix side by side: attention reads it once
-            first_slots = self.req_pool.table[torch.tensor([r.req_pool_row for r in decodes]), 0].tolist()
+            first_slots = self.cache_manager.first_slots(decodes)
             decodes = [r for _, r in sorted(zip(first_slots, decodes), key=lambda x: x[0])]
         extends = self._schedule_extends([r for r in self.running if r.num_uncomputed > 1])
         if not extends and not decodes:
@@ -164,45 +123,31 @@ class Scheduler(RequestAborter):
                 outputs.append(self._output(req))
             else:
                 if s.extend_len > 1:  # siblings waiting on this prompt read its KV from the cache
-                    self._share_prefix(req)
+                    self.cache_manager.share_prefix(req)
                 if req.stream and len(req.output_ids) > req.sent_tokens:
                     outputs.append(self._output(req))
         return outputs
 
     # --- memory ---------------------------------------------------------------------------------
 
-    def _ensure_free(self, num_tokens: int) -> bool:
-        available = self.allocator.available_tokens()
-        if available < num_tokens:
-            self.cache.evict(num_tokens - available)
-        return self.allocator.available_tokens() >= num_tokens
-
     def _alloc_decode_slots(self, decodes: list[Request]) -> list[Request]:
         """One KV slot per decoding request; retract requests until they fit."""
-        while decodes:
-            need = sum(1 for r in decodes if r.kv_len % self.page_size == 0) * self.page_size
-            if self._ensure_free(need):
-                break
+        while decodes and not self.cache_manager.ensure_decode_room(decodes):
             victim = self._retraction_victim()
-            self._retract(victim)
+            self.retract(victim)
             if victim in decodes:
                 decodes.remove(victim)
-        if not decodes:
-            return decodes
-        rows = torch.tensor([r.req_pool_row for r in decodes])
-        cur = torch.tensor([r.kv_len for r in decodes])
-        last = self.req_pool.table[rows, (cur - 1).clamp(min=0)]
-        slots = self.allocator.alloc_decode(cur, last)
-        assert slots is not None, "decode allocation failed after ensuring free memory"
-        self.req_pool.table[rows, cur] = slots
+        if decodes:
+            self.cache_manager.alloc_decode(decodes)
         return decodes
 
     def _retraction_victim(self) -> Request:
         # The request that has produced least loses least by recomputing; among equals the newest.
         return min(self.running, key=lambda r: (len(r.output_ids), -r.arrival))
 
-    def _retract(self, req: Request) -> None:
-        self._release_kv(req)
+    def retract(self, req: Request) -> None:
+        """Free a running request's KV and queue it first again; it recomputes the KV and goes on."""
+        self.cache_manager.release(req)
         if req.input_logprobs_pending:  # prompt logprobs are recomputed from the start
             req.input_token_logprobs.clear()
             req.input_top_logprobs.clear()
@@ -213,44 +158,24 @@ class Scheduler(RequestAborter):
         self.num_retractions += 1
         logger.debug("Retracted %s with %d output tokens", req.rid, len(req.output_ids))
 
-    def _release_kv(self, req: Request) -> None:
-        """Give the request's KV to the cache (so it can be reused) and free the rest."""
-        if req.req_pool_row is None:
-            return
-        slots = self.req_pool.read(req.req_pool_row, 0, req.kv_len).clone()
-        if self.cache.disable or req.kv_stale:  # stale: computed under older weights, never cached
-            self.allocator.free_slots(slots[req.prefix_len:])
-            if req.prefix_len:
-                self.cache.dec_lock(req.last_node)
-        else:
-            tokens = req.fill_ids[:req.kv_len]
-            existed = self.cache.insert(tokens, slots)
-            aligned = req.kv_len - req.kv_len % self.page_size
-            self.allocator.free_slots(slots[req.prefix_len:existed])
-            self.allocator.free_slots(slots[aligned:])
-            self.cache.dec_lock(req.last_node)
-        self.req_pool.free(req.req_pool_row)
-        req.req_pool_row = None
-        req.last_node = None
-        req.kv_len = 0
-        req.prefix_len = 0
-        req.kv_stale = False
+    def retract_all(self) -> None:
+        for req in reversed(list(self.running)):  # appendleft in reverse keeps their order
+            self.retract(req)
 
-    def _share_prefix(self, req: Request) -> None:
-        """After a prefill, put the prompt's KV in the cache so siblings waiting on it find it."""
-        if self.cache.disable or req.kv_stale:
-            return
-        slots = self.req_pool.read(req.req_pool_row, 0, req.kv_len).clone()
-        tokens = req.fill_ids[:req.kv_len]
-        existed = self.cache.insert(tokens, slots)
-        self.allocator.free_slots(slots[req.prefix_len:existed])
-        match = self.cache.match_prefix(tokens)
-        n = match.slots.shape[0]
-        self.req_pool.write(req.req_pool_row, 0, match.slots)
-        self.cache.inc_lock(match.last_node)
-        self.cache.dec_lock(req.last_node)
-        req.last_node = match.last_node
-        req.prefix_len = n
+    def invalidate_kv(self) -> None:
+        """New weights: running requests keep their KV, marked stale, with a private copy of any cached
+        prefix they read (retracted when there is no memory for it); then the cache is dropped."""
+        for req in list(self.running):
+            if not self.cache_manager.detach_from_cache(req):
+                self.retract(req)  # recomputes under the new weights
+        self.cache_manager.drop_cache()
+
+    def release_kv_memory(self) -> bool:
+        self.cache_manager.release_memory()
+        return True
+
+    def resume_kv_memory(self) -> None:
+        self.cache_manager.resume_memory()
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -266,7 +191,7 @@ class Scheduler(RequestAborter):
             if budget <= 0:
                 break
             n = min(req.num_uncomputed, budget)
-            if not self._alloc_extend(req, n):
+            if not self.cache_manager.extend(req, n):
                 break
             scheduled.append(_Scheduled(req, n, req.kv_len))
             budget -= n
@@ -274,26 +199,11 @@ class Scheduler(RequestAborter):
             scheduled += self._admit(budget, [s.req.fill_ids for s in scheduled])
         return scheduled
 
-    def _tokens_to_alloc(self, cur_len: int, n: int) -> int:
-        """Free tokens (whole pages) that `n` more tokens after `cur_len` take; no more may be asked, or a
-        request that fits the pool exactly would wait forever."""
-        ps = self.page_size
-        return (-(-(cur_len + n) // ps) - -(-cur_len // ps)) * ps
-
-    def _alloc_extend(self, req: Request, n: int) -> bool:
-        if not self._ensure_free(self._tokens_to_alloc(req.kv_len, n)):
-            return False
-        last = int(self.req_pool.table[req.req_pool_row, req.kv_len - 1]) if req.kv_len else -1
-        slots = self.allocator.alloc_tokens(req.kv_len, last, n)
-        if slots is None:
-            return False
-        self.req_pool.write(req.req_pool_row, req.kv_len, slots)
-        return True
-
     def _admission_order(self) -> list[Request]:
-        if self.cache.disable or len(self.waiting) > LPM_MAX_WAITING:
+        if len(self.waiting) > LPM_MAX_WAITING:
             return list(self.waiting)
-        matched = {id(r): self.cache.match_prefix(r.fill_ids).slots.shape[0] for r in self.waiting}
+        # With prefix caching off every match is empty: first come, first served.
+        matched = {id(r): self.cache_manager.match(r).slots.shape[0] for r in self.waiting}
         return sorted(self.waiting, key=lambda r: -matched[id(r)])  # stable: FCFS among equals
 
     def _admit(self, budget: int, prefilling_fills: list[list[int]]) -> list[_Scheduled]:
@@ -304,26 +214,13 @@ class Scheduler(RequestAborter):
             if budget <= 0 or len(self.running) >= self.args.max_running_requests:
                 break
             fill = req.fill_ids
-            match = self.cache.match_prefix(fill)
+            match = self.cache_manager.match(req)
             prefix = self._usable_prefix(req, match.slots.shape[0])
             if any(self._should_wait_for(req, fill, prefix, other) for other in admitted_fills):
                 continue
             n = min(len(fill) - prefix, budget)
-            self.cache.inc_lock(match.last_node)
-            if not self._ensure_free(self._tokens_to_alloc(prefix, n) + reserve):
-                self.cache.dec_lock(match.last_node)
+            if not self.cache_manager.admit(req, match, prefix, n, reserve):
                 break
-            last = int(match.slots[prefix - 1]) if prefix else -1
-            slots = self.allocator.alloc_tokens(prefix, last, n)
-            row = self.req_pool.alloc()
-            if slots is None or row is None:
-                if slots is not None:
-                    self.allocator.free_slots(slots)
-                self.cache.dec_lock(match.last_node)
-                break
-            self.req_pool.write(row, 0, match.slots[:prefix])
-            self.req_pool.write(row, prefix, slots)
-            req.req_pool_row, req.last_node, req.prefix_len, req.kv_len = row, match.last_node, prefix, prefix
             if not req.admitted_once:
                 req.cached_tokens = prefix
                 req.admitted_once = True
@@ -391,11 +288,11 @@ class Scheduler(RequestAborter):
         seq_lens = prefix_lens + extend_lens
         for s in scheduled[:num_extend]:
             positions.append(torch.arange(s.kv_start, s.kv_start + s.extend_len))
-            out_slots.append(self.req_pool.read(s.req.req_pool_row, s.kv_start, s.kv_start + s.extend_len))
+            out_slots.append(self.cache_manager.slots(s.req, s.kv_start, s.kv_start + s.extend_len))
         if num_extend < len(scheduled):
             dec_rows, dec_pos = rows[num_extend:], prefix_lens[num_extend:]
             positions.append(dec_pos)
-            out_slots.append(self.req_pool.table[dec_rows, dec_pos])
+            out_slots.append(self.cache_manager.slots_at(dec_rows, dec_pos))
         device = self.runner.device
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, device=device),
@@ -404,7 +301,7 @@ class Scheduler(RequestAborter):
             prefix_lens=prefix_lens.to(device),
             extend_lens=extend_lens.to(device),
             seq_lens=seq_lens.to(device),
-            page_table=self.req_pool.table[rows.to(device), :int(seq_lens.max())],
+            page_table=self.cache_manager.page_table(rows.to(device), int(seq_lens.max())),
             num_extend=num_extend,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
         )
@@ -482,7 +379,7 @@ class Scheduler(RequestAborter):
         return None
 
     def _finish(self, req: Request) -> None:
-        self._release_kv(req)
+        self.cache_manager.release(req)
         if req in self.running:
             self.running.remove(req)
         elif req.status == RequestStatus.WAITING and req in self.waiting:
@@ -512,14 +409,25 @@ class Scheduler(RequestAborter):
         req.sent_tokens = len(req.output_ids)
         return out
 
-    # --- checks for tests and metrics -----------------------------------------------------------
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def max_total_num_tokens(self) -> int:
+        return self.cache_manager.num_tokens
 
     def is_idle_clean(self) -> bool:
         """No request holds KV and every slot is either free or in the cache (nothing leaked)."""
-        self.cache.check_integrity()
-        return (not self.requests and self.cache.protected_size() == 0
-                and self.allocator.available_tokens() + self.cache.total_size() == self.allocator.num_pages * self.page_size
-                and self.req_pool.available() == self.req_pool.num_rows)
+        return not self.requests and self.cache_manager.is_idle_clean()
+
+    def state(self) -> dict:
+        idle_clean, integrity_error = False, None
+        if not self.requests:  # the full check walks the cache: only worth it (and only true) when idle
+            try:
+                idle_clean = self.is_idle_clean()
+            except AssertionError as e:  # the radix cache's own check failed: report it, do not crash
+                integrity_error = str(e) or "radix cache integrity check failed"
+        return {**self.base_state(), **self.cache_manager.stats(), "idle_clean": idle_clean,
+                "integrity_error": integrity_error, "num_retractions": self.num_retractions}
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

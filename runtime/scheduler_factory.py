@@ -27,9 +27,3 @@ def build_scheduler(args: ServerArgs, tokenizer: PreTrainedTokenizerBase | None,
     return Scheduler(runner, eos_token_ids(args.model_path, runner.hf_config, tokenizer),
                      StopChecker(tokenizer) if tokenizer is not None else None)
 
-
-def max_total_num_tokens(scheduler: Scheduler | EncoderScheduler) -> int:
-    """Tokens the engine holds at once: the KV pool, or an encoder's per-step budget."""
-    if isinstance(scheduler, EncoderScheduler):
-        return scheduler.max_total_num_tokens
-    return scheduler.allocator.num_pages * scheduler.page_size

@@ -1,7 +1,8 @@
 """The scheduler's event loop: take messages, run a step when there is work, hand outputs on.
 
 Where messages come from and where outputs go is the caller's choice (a thread-safe queue for the
-in-process Engine, ZeroMQ sockets for the server's engine process), so both share this loop.
+in-process Engine, ZeroMQ sockets for the server's engine process), so both share this loop, and both
+hand it the runtime's scheduler itself (runtime/scheduler_base.py answers every message either sends).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 from typing import Callable
 
 from runtime.messages import FlushCacheResult, RequestOutput, SchedulerInput
-from runtime.scheduler import Scheduler
+from runtime.scheduler_base import SchedulerBase
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ Receive = Callable[[bool], list[SchedulerInput]]   # block: wait for at least on
 Send = Callable[[list[RequestOutput | FlushCacheResult]], None]
 
 
-def run_scheduler_loop(scheduler: Scheduler, receive: Receive, send: Send, stop: threading.Event) -> None:
+def run_scheduler_loop(scheduler: SchedulerBase, receive: Receive, send: Send, stop: threading.Event) -> None:
     while not stop.is_set():
         messages = receive(not scheduler.has_work())
         outputs: list[RequestOutput | FlushCacheResult] = []

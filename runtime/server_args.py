@@ -31,7 +31,7 @@ class ServerArgs:
     log_level: str = "info"
     attention_backend: str = "torch"
     deterministic: bool = False
-    num_threads: int | None = None         # torch intra-op threads on CPU; None: torch's default
+    num_threads: int | None = None         # torch intra-op threads on CPU; None: leave the process's as is
     # Broadcast updates: "direct" receives into the parameters (as fast as a raw broadcast; a peer dying
     # mid-broadcast leaves them unusable: 503 until the next good update), "buffered" receives whole first
     # (the old weights keep serving on a dead peer). docs/api.md, "Weight updates".
@@ -71,3 +71,11 @@ class ServerArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def set_process_threads(args: ServerArgs) -> None:
+    """Set torch's intra-op thread count to `args.num_threads` (on CPU; None leaves it). It is the whole
+    process's setting: called by whoever owns the process (the server's engine process at start, or the
+    in-process Engine only when its caller passed num_threads), never by a model runner."""
+    if args.num_threads and args.device == "cpu":
+        torch.set_num_threads(args.num_threads)

@@ -575,6 +575,6 @@ def test_flush_cache(eng):
     _wait_idle(eng)
     res = eng.flush_cache()
     assert res.success
-    assert eng.scheduler.cache.total_size() == 0 and eng.scheduler.is_idle_clean()
+    assert eng.scheduler.cache_manager.cached_tokens() == 0 and eng.scheduler.is_idle_clean()
     out = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 2})
     assert out["meta_info"]["cached_tokens"] == 0

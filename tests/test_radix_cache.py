@@ -339,21 +339,6 @@ def test_reset_returns_every_page() -> None:
     cache.check_integrity()
 
 
-def test_disabled_cache_stores_nothing() -> None:
-    alloc = PageAllocator(16)
-    cache = RadixCache(alloc, disable=True)
-    slots = fresh(alloc, 5)
-    assert cache.insert([1, 2, 3, 4, 5], slots) == 0
-    m = cache.match_prefix([1, 2, 3, 4, 5])
-    assert m.slots.numel() == 0 and m.last_node is cache.root
-    cache.inc_lock(m.last_node)
-    cache.dec_lock(m.last_node)
-    assert cache.total_size() == 0 and cache.evict(10) == 0
-    cache.reset()
-    assert alloc.available_pages() == 11  # the caller still owns its 5 slots
-    cache.check_integrity()
-
-
 def test_many_stale_heap_entries_are_compacted() -> None:
     alloc = PageAllocator(8)
     cache = RadixCache(alloc)

@@ -292,7 +292,7 @@ def test_random_lifecycles_with_aborts_leak_nothing(model_path, page_size):
             if i not in near_tie:
                 assert o["output_ids"] == ref_greedy_ids[i]
         assert eng.flush_cache().success
-        assert sched.is_idle_clean() and sched.cache.total_size() == 0
+        assert sched.is_idle_clean() and sched.cache_manager.cached_tokens() == 0
 
 
 # --- the scheduler without a thread ---------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_pause_modes_around_an_update(eng, checkpoints, mode):
     assert ok
     ok, msg = eng.update_weights_from_disk(checkpoints["b"], weight_version="v1")
     assert ok, msg
-    assert eng.scheduler.cache.total_size() == 0  # paused: nothing computed under v1 yet
+    assert eng.scheduler.cache_manager.cached_tokens() == 0  # paused: nothing computed under v1 yet
     eng.continue_generation()
     t.join(30)
     out = results[0]

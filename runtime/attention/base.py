@@ -1,4 +1,4 @@
-"""The attention backend interface and its registry.
+"""The attention backend interface (runtime/attention/registry.py names the implementations).
 
 A backend writes each layer's new keys/values into the paged KV pool and attends over the pages a
 request's page table names. `prepare` runs once per step (shared by all layers); `forward` per layer.
@@ -7,7 +7,6 @@ request's page table names. `prepare` runs once per step (shared by all layers);
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
 
 import torch
 
@@ -28,20 +27,3 @@ class AttentionBackend(ABC):
                 scale: float, sliding_window: int | None = None) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens; returns [T, H, D]."""
 
-
-ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
-
-
-def register_attention_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
-    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        ATTENTION_BACKENDS[name] = cls
-        return cls
-    return wrap
-
-
-def create_attention_backend(name: str, kv_pool: KVPool) -> AttentionBackend:
-    # Importing the implementations registers them; only the requested one's dependencies matter.
-    import runtime.attention.torch_backend  # noqa: F401
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; available: {sorted(ATTENTION_BACKENDS)}.")
-    return ATTENTION_BACKENDS[name](kv_pool)

@@ -13,7 +13,7 @@ import torch
 
 from kernels.paged_attention import (attention_mask, cascade_decode_attention_torch, paged_attention_torch,
                                      store_kv_torch)
-from runtime.attention.base import AttentionBackend, register_attention_backend
+from runtime.attention.base import AttentionBackend
 from runtime.forward_batch import ForwardBatch
 
 # Sharing fewer tokens than this is not worth a group of its own.
@@ -49,7 +49,6 @@ class _DecodeGroup:
     fallback: _ExtendGroup       # plain padded attention, for sliding-window layers
 
 
-@register_attention_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         groups: list[_ExtendGroup | _DecodeGroup] = []

@@ -18,7 +18,6 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from runtime.attention.bidirectional import PackedLayout, bidirectional_attention
-from runtime.models.registry import register_scoring_model
 from runtime.weight_loader import copy_into_target
 
 
@@ -168,7 +167,6 @@ class EncoderModel(nn.Module):
         return list(self._params)
 
 
-@register_scoring_model("BertModel")
 class BertEmbeddingModel(EncoderModel):
     skipped_prefixes = ("pooler.",)   # sentence embeddings mean-pool the tokens; the pooler is unused
 
@@ -184,7 +182,6 @@ class BertEmbeddingModel(EncoderModel):
         return F.normalize(batch.layout.mean(h.float()), p=2.0, dim=-1)
 
 
-@register_scoring_model("BertForSequenceClassification")
 class BertForSequenceClassification(EncoderModel):
     is_cross_encoder = True
 
@@ -210,7 +207,6 @@ class RobertaClassificationHead(nn.Module):
         return self.out_proj(torch.tanh(self.dense(first_tokens)))
 
 
-@register_scoring_model("XLMRobertaForSequenceClassification", "RobertaForSequenceClassification")
 class XLMRobertaForSequenceClassification(EncoderModel):
     is_cross_encoder = True
     skipped_prefixes = ("roberta.pooler.",)

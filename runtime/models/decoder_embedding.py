@@ -14,7 +14,6 @@ from runtime.models.llama import LlamaForCausalLM
 from runtime.models.mistral import MistralForCausalLM
 from runtime.models.qwen2 import Qwen2ForCausalLM
 from runtime.models.qwen3 import Qwen3ForCausalLM
-from runtime.models.registry import register_scoring_model
 
 PREFIX = "model."
 
@@ -41,21 +40,17 @@ class DecoderEmbeddingModel(DecoderWithHead):
         return [n[len(PREFIX):] for n in names] if self.bare_names else names
 
 
-@register_scoring_model("LlamaForCausalLM", "LlamaModel")
 class LlamaEmbeddingModel(DecoderEmbeddingModel):
     family = LlamaForCausalLM
 
 
-@register_scoring_model("Qwen2ForCausalLM", "Qwen2Model")
 class Qwen2EmbeddingModel(DecoderEmbeddingModel):
     family = Qwen2ForCausalLM
 
 
-@register_scoring_model("Qwen3ForCausalLM", "Qwen3Model")
 class Qwen3EmbeddingModel(DecoderEmbeddingModel):
     family = Qwen3ForCausalLM
 
 
-@register_scoring_model("MistralForCausalLM", "MistralModel")
 class MistralEmbeddingModel(DecoderEmbeddingModel):
     family = MistralForCausalLM

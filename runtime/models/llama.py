@@ -18,7 +18,6 @@ from kernels.rotary import apply_rotary
 from runtime.attention.base import AttentionBackend
 from runtime.forward_batch import ForwardBatch
 from runtime.models.layers import RMSNorm, RotaryTable
-from runtime.models.registry import register_model
 from runtime.weight_loader import copy_into_target
 
 # (fused parameter, HF projection name, shard)
@@ -131,7 +130,6 @@ def sliding_window_of_layer(config: PretrainedConfig, layer_id: int) -> int | No
     return getattr(config, "sliding_window", None)
 
 
-@register_model("LlamaForCausalLM")
 class LlamaForCausalLM(nn.Module):
     qk_norm = False
 

@@ -3,10 +3,8 @@
 from transformers import PretrainedConfig
 
 from runtime.models.llama import LlamaForCausalLM, ProjectionBias
-from runtime.models.registry import register_model
 
 
-@register_model("Qwen2ForCausalLM")
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @staticmethod
     def projection_bias(config: PretrainedConfig) -> ProjectionBias:

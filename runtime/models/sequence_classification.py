@@ -14,10 +14,8 @@ from transformers import PretrainedConfig
 
 from runtime.models.decoder_head import DecoderWithHead
 from runtime.models.qwen2 import Qwen2ForCausalLM
-from runtime.models.registry import register_scoring_model
 
 
-@register_scoring_model("LlamaForSequenceClassification")
 class LlamaForSequenceClassification(DecoderWithHead):
     pools_last_non_pad = True
 
@@ -28,6 +26,5 @@ class LlamaForSequenceClassification(DecoderWithHead):
         return self.score(hidden).float()
 
 
-@register_scoring_model("Qwen2ForSequenceClassification")
 class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     family = Qwen2ForCausalLM

@@ -18,7 +18,8 @@ from typing import Any, Iterator
 import pytest
 
 from runtime.engine import Engine
-from runtime.messages import GenerateRequest
+from runtime.messages import (AbortRequestsExact, GenerateRequest, HealthCheckRequest, HealthCheckResult,
+                              ServerStateRequest)
 from runtime.model_runner import ModelRunner
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
@@ -363,6 +364,41 @@ def test_scheduler_abort_waiting_and_running(model_path):
     with pytest.raises(ValueError, match="Duplicate request id"):
         sched.add_request(_request("dup", [3, 4, 5]))
         sched.add_request(_request("dup", [3, 4, 5]))
+
+
+def test_exact_abort_state_and_server_messages(model_path):
+    args = ServerArgs(model_path=model_path, max_total_tokens=2048, chunked_prefill_size=16, device="cpu")
+    sched = Scheduler(ModelRunner(args, progress=False), eos_token_ids=set())
+    for i, rid in enumerate(("a", "ab", "b")):
+        sched.add_request(_request(rid, _prompts(20 + i, 1, 10, 11)[0], max_new_tokens=50))
+    for _ in range(3):
+        sched.step()
+    state = sched.state()
+    assert state["num_engine_reqs"] == 3 and state["num_running_reqs"] + state["num_waiting_reqs"] == 3
+    assert state["kv_used_tokens"] > 0 and state["max_total_num_tokens"] == 2048
+    assert state["idle_clean"] is False and state["integrity_error"] is None
+
+    outs = sched.abort(rids=["a", "a", "missing"], message="gone")  # exact: "ab" survives, "a" answers once
+    assert [o.rid for o in outs] == ["a"]
+    assert outs[0].finished and outs[0].finish_reason == {"type": "abort", "message": "gone"}
+    assert len(outs[0].new_token_ids) > 0
+    assert set(sched.requests) == {"ab", "b"}
+
+    # The same through the messages the server's engine process sends.
+    assert sched.handle(HealthCheckRequest(id=8)) == [HealthCheckResult(id=8)]
+    (result,) = sched.handle(ServerStateRequest(id=7))
+    assert result.id == 7 and result.state["num_engine_reqs"] == 2
+    outs = sched.handle(AbortRequestsExact(rids=["b"]))
+    assert [o.rid for o in outs] == ["b"]
+    assert outs[0].finish_reason == {"type": "abort", "message": "Aborted: the client disconnected."}
+    (dup,) = sched.handle(_request("ab", [3, 4, 5]))  # answered, not raised: no client waits forever
+    assert dup.rid == "ab" and dup.finished and "Duplicate request id rid='ab'" in dup.finish_reason["message"]
+    assert set(sched.requests) == {"ab"}
+
+    sched.abort("", abort_all=True)
+    state = sched.state()
+    assert state["idle_clean"] is True and state["num_engine_reqs"] == 0
+    assert state["kv_used_tokens"] == state["cache_tokens"] > 0 and state["cache_protected_tokens"] == 0
 
 
 # --- requests as large as the pool ----------------------------------------------------------------

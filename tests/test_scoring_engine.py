@@ -200,3 +200,31 @@ def test_weight_update_from_disk_reaches_encoders(tmp_path):
         fresh = eng.rerank("query", ["a document", "another one"])
     assert [r["score"] for r in after] == pytest.approx([r["score"] for r in fresh], abs=1e-6)
     assert before[0]["score"] != pytest.approx(after[0]["score"], abs=1e-3)
+
+
+def test_encoder_scheduler_answers_exact_abort_state_and_server_messages(tmp_path):
+    from runtime.encoder_runner import EncoderRunner
+    from runtime.encoder_scheduler import EncoderScheduler
+    from runtime.messages import (AbortRequestsExact, EmbedRequest, GenerateRequest, HealthCheckRequest,
+                                  HealthCheckResult, ServerStateRequest)
+    from runtime.sampling_params import SamplingParams
+    from runtime.server_args import ServerArgs
+
+    path = make_tiny_cross_encoder_dir(tmp_path / "enc", seed=0)
+    sched = EncoderScheduler(EncoderRunner(ServerArgs(model_path=path, is_embedding=True, device="cpu"),
+                                           progress=False))
+    for rid in ("a", "ab", "b"):
+        assert sched.handle(EmbedRequest(rid=rid, input_ids=[5, 6, 7])) == []
+    (gen,) = sched.handle(GenerateRequest(rid="g", input_ids=[5], sampling_params=SamplingParams()))
+    assert gen.finished and gen.finish_reason == {"type": "abort",
+                                                  "message": "Request 'g': an encoder model cannot generate."}
+    assert sched.handle(HealthCheckRequest(id=3)) == [HealthCheckResult(id=3)]
+    (result,) = sched.handle(ServerStateRequest(id=4))
+    assert result.state["num_waiting_reqs"] == 3 and result.state["idle_clean"] is False
+    outs = sched.abort(rids=["a", "a", "missing"], message="gone")
+    assert [(o.rid, o.finish_reason["message"]) for o in outs] == [("a", "gone")]
+    assert [o.rid for o in sched.handle(AbortRequestsExact(rids=["b"]))] == ["b"]
+    outs = sched.step()
+    assert [o.rid for o in outs] == ["ab"] and len(outs[0].embedding) == 1
+    state = sched.state()
+    assert state["idle_clean"] is True and state["num_engine_reqs"] == 0 and state["forward_steps"] == 1

@@ -124,6 +124,24 @@ def test_pause_modes_around_an_update(eng, checkpoints, mode):
     assert eng.scheduler.is_idle_clean()
 
 
+def test_update_while_a_request_locks_a_cached_prefix_it_does_not_read(eng, checkpoints):
+    # A cached one-token prompt: the request locks the cached token but computes it anyway (the last
+    # prompt token must run for logits), so it holds a lock with no prefix in use. The update must still
+    # drop the whole cache; it once failed with "a running request still holds a cached prefix".
+    eng.update_weights_from_disk(checkpoints["a"], weight_version="p0")
+    greedy(eng, n=1, prompt=[9])
+    it = eng.generate(input_ids=[9], sampling_params={**GREEDY, "max_new_tokens": 30}, stream=True)
+    next(it)
+    assert eng.pause_generation("in_place")[0]  # keeps it running, holding its lock
+    ok, msg = eng.update_weights_from_disk(checkpoints["b"], weight_version="p1")
+    assert ok, msg
+    assert eng.scheduler.cache_manager.cached_tokens() == 0
+    eng.continue_generation()
+    assert list(it)[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 30}
+    assert greedy(eng, prompt=[9])["output_ids"] == hf_greedy(checkpoints["b"], [9], 8)
+    assert eng.scheduler.is_idle_clean()
+
+
 def test_generate_waits_while_paused(eng):
     eng.pause_generation("retract")
     results: list = []

@@ -2,18 +2,21 @@
 prefix cache around an update, pause modes, versions, and the refuse-to-serve state.
 
 Runs in the scheduler's thread, between steps, in the order messages arrive (the in-process Engine and
-the server's engine process share it through `Scheduler.handle`, and encoder servers through
-`EncoderScheduler.handle`: the same updates, versions, pause and reads, with no KV to invalidate).
+the server's engine process reach it through runtime/scheduler_base.py's `handle`, for decoder and encoder
+schedulers alike: the same updates, versions, pause and reads; an encoder has no KV to invalidate).
+Each message type has its handler in one table (`Controller._handlers`).
 
 - Versions: every output token records `scheduler.weight_version` at the step that sampled it.
 - Cache: after weights change, no KV computed under the old ones may be reused. Requests that hold KV
   (running, or paused in place) keep their own KV and go on, but it is marked stale (never inserted into
   the cache), and a cached prefix they hold is copied into slots of their own so the whole cache can be
-  dropped. A request whose copy finds no memory is retracted instead (it recomputes under the new weights).
+  dropped (runtime/cache_manager.py's `detach_from_cache`). A request whose copy finds no memory is
+  retracted instead (it recomputes under the new weights).
 - Failures: a refused update leaves the model untouched (old weights serve). A failure that leaves the
   model a mix (a broken checkpoint copy, a broadcast that breaks while received directly into the
-  weights, or one that breaks after earlier buckets of the same update were applied) sets `scheduler.unusable`: generation is refused with that message (HTTP 503) and
-  in-flight requests are aborted, until the next successful update.
+  weights, or one that breaks after earlier buckets of the same update were applied) sets
+  `scheduler.unusable`: generation is refused with that message (HTTP 503) and in-flight requests are
+  aborted, until the next successful update.
 """
 
 from __future__ import annotations

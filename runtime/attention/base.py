@@ -6,6 +6,7 @@ request's page table names. `prepare` runs once per step (shared by all layers);
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -30,6 +31,9 @@ class AttentionBackend(ABC):
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
+# Backends whose modules import optional packages (triton, flashinfer): imported only when asked for.
+OPTIONAL_BACKEND_MODULES = {"triton": "runtime.attention.triton_backend",
+                            "flashinfer": "runtime.attention.flashinfer_backend"}
 
 
 def register_attention_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
@@ -42,6 +46,9 @@ def register_attention_backend(name: str) -> Callable[[type[AttentionBackend]], 
 def create_attention_backend(name: str, kv_pool: KVPool) -> AttentionBackend:
     # Importing the implementations registers them; only the requested one's dependencies matter.
     import runtime.attention.torch_backend  # noqa: F401
+    if name in OPTIONAL_BACKEND_MODULES:
+        importlib.import_module(OPTIONAL_BACKEND_MODULES[name])
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; available: {sorted(ATTENTION_BACKENDS)}.")
+        raise ValueError(f"Unknown attention backend {name!r}; available: "
+                         f"{sorted({*ATTENTION_BACKENDS, *OPTIONAL_BACKEND_MODULES})}.")
     return ATTENTION_BACKENDS[name](kv_pool)

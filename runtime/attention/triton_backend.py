@@ -55,6 +55,8 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, kv_pool: KVPool):
         super().__init__(kv_pool)
         check_launchable(kv_pool.device)
+        # Splits of decode attention; None: chosen per step (choose_num_splits). Tests set it.
+        self.decode_splits: int | None = None
 
     def prepare(self, batch: ForwardBatch) -> None:
         ne, b = batch.num_extend, batch.batch_size
@@ -67,8 +69,8 @@ class TritonAttentionBackend(AttentionBackend):
                                  torch.cumsum(ext, 0) - ext, int(ext.max()))
         if ne < b:
             width = batch.page_table.shape[1]   # the longest sequence of the batch
-            splits = choose_num_splits(b - ne, self.kv_pool.num_kv_heads, width,
-                                       on_gpu=batch.seq_lens.device.type == "cuda")
+            splits = self.decode_splits or choose_num_splits(b - ne, self.kv_pool.num_kv_heads, width,
+                                                             on_gpu=batch.seq_lens.device.type == "cuda")
             decode = _DecodePart(num_extend_tokens, batch.page_table[ne:], batch.seq_lens[ne:], splits)
         batch.attn_metadata = TritonAttentionMetadata(extend, decode)
 

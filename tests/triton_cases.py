@@ -167,7 +167,7 @@ def backend_case(dtype: torch.dtype, page_size: int, sliding_window: int | None,
             pool.k_buffers[layer][:NUM_SLOTS] = prefix[0, layer]
             pool.v_buffers[layer][:NUM_SLOTS] = prefix[1, layer]
         backend = create_attention_backend(name, pool)
-        if name != "torch":
+        if name == "triton":
             backend.decode_splits = decode_splits
         dev_batch = mixed_batch(page_size, device)
         backend.prepare(dev_batch)

@@ -13,6 +13,7 @@ kernel forgets to write shows).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -170,9 +171,14 @@ def backend_case(dtype: torch.dtype, page_size: int, sliding_window: int | None,
         if name == "triton":
             backend.decode_splits = decode_splits
         dev_batch = mixed_batch(page_size, device)
-        backend.prepare(dev_batch)
-        outs = [backend.forward(q.to(device), k.to(device), v.to(device), layer, dev_batch, 0.3, sliding_window)
-                for layer in range(layers)]
+        q_dev, k_dev, v_dev = q.to(device), k.to(device), v.to(device)
+        # Our backends build every tensor on the batch's device: with meta as the default device, one
+        # built without device= would be on meta and fail when mixed with the batch's tensors.
+        # (Not FlashInfer: its host-side planning uses the default device on purpose.)
+        with torch.device("meta") if name != "flashinfer" else contextlib.nullcontext():
+            backend.prepare(dev_batch)
+            outs = [backend.forward(q_dev, k_dev, v_dev, layer, dev_batch, 0.3, sliding_window)
+                    for layer in range(layers)]
         result[name] = torch.stack(outs).cpu()
         result[name + "_pool"] = torch.stack(pool.k_buffers + pool.v_buffers).cpu()
     return result

@@ -64,9 +64,10 @@ class TritonAttentionBackend(AttentionBackend):
         num_extend_tokens = 0
         if ne > 0:
             ext = batch.extend_lens[:ne]
-            num_extend_tokens = int(ext.sum())
+            lens = ext.tolist()   # one device sync for both sizes
+            num_extend_tokens = sum(lens)
             extend = _ExtendPart(num_extend_tokens, batch.page_table[:ne], batch.prefix_lens[:ne], ext,
-                                 torch.cumsum(ext, 0) - ext, int(ext.max()))
+                                 torch.cumsum(ext, 0) - ext, max(lens))
         if ne < b:
             width = batch.page_table.shape[1]   # the longest sequence of the batch
             splits = self.decode_splits or choose_num_splits(b - ne, self.kv_pool.num_kv_heads, width,

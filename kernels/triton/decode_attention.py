@@ -138,7 +138,7 @@ def decode_attention(
     else:
         mid_o, mid_lse = workspace if workspace is not None else decode_workspace(b, h, dim, num_splits, q.device)
         assert mid_o.shape[2] == num_splits, "workspace was built for another number of splits"
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs 16 along every axis on a GPU
     _decode_split[(b, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),

@@ -116,7 +116,7 @@ def extend_attention(
     check_launchable(q.device)
     for x in (q, k, v, k_cache, v_cache, out):
         assert x.stride(-1) == 1, "the head dimension must be contiguous"
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))   # tl.dot needs 16 along every axis on a GPU
     block = key_block_size(block_d, q.dtype)
     # Short chunks (decode rows, small prefills) waste less of a block of 16 rows.
     block_m = 16 if max_extend_len <= 16 else block

@@ -87,7 +87,7 @@ class TritonAttentionBackend(AttentionBackend):
                              e.q_starts, e.max_extend_len, scale, sliding_window, out=out[:n])
         if meta.decode is not None:
             d, s = meta.decode, meta.decode.token_start
-            if d.workspace is None:
+            if d.workspace is None and d.num_splits > 1:
                 d.workspace = decode_workspace(q.shape[0] - s, q.shape[1], q.shape[2], d.num_splits, q.device)
             decode_attention(q[s:], k_cache, v_cache, d.page_table, d.seq_lens, scale, sliding_window,
                              d.num_splits, out=out[s:], workspace=d.workspace)

@@ -129,5 +129,6 @@ def cascade_decode_attention_torch(
     op, lp = attention_with_lse(qp, kp, vp, prefix_mask, scale)        # [NG, Hkv, M*G, D]
     op = op.view(n_groups, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(n_groups * m, hkv, g, d)[member_flat]
     lp = lp.view(n_groups, hkv, m, g).permute(0, 2, 1, 3).reshape(n_groups * m, hkv, g)[member_flat]
-    out[member_rows] = merge_attention(op, lp, out[member_rows], lse[member_rows])
+    # .to: on CPU the fused kernel returns an fp32 log-sum-exp, which promotes an fp16/bf16 merge.
+    out[member_rows] = merge_attention(op, lp, out[member_rows], lse[member_rows]).to(out.dtype)
     return out.reshape(b, h, d)

@@ -29,7 +29,7 @@ class ServerArgs:
     weight_version: str = "default"
     api_key: str | None = None
     log_level: str = "info"
-    attention_backend: str = "torch"
+    attention_backend: str | None = None   # torch, triton or flashinfer; None: triton on CUDA, else torch
     deterministic: bool = False
     num_threads: int | None = None         # torch intra-op threads on CPU; None: leave the process's as is
     # Broadcast updates: "direct" receives into the parameters (as fast as a raw broadcast; a peer dying
@@ -40,6 +40,8 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.attention_backend is None:
+            self.attention_backend = "triton" if torch.device(self.device).type == "cuda" else "torch"
         if self.page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {self.page_size}.")
         if self.chunked_prefill_size < 1:

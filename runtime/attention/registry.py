@@ -14,6 +14,8 @@ from runtime.kv_pool import KVPool
 
 ATTENTION_BACKENDS: dict[str, str] = {
     "torch": "runtime.attention.torch_backend:TorchAttentionBackend",
+    "triton": "runtime.attention.triton_backend:TritonAttentionBackend",
+    "flashinfer": "runtime.attention.flashinfer_backend:FlashInferAttentionBackend",
 }
 
 

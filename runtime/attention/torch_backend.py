@@ -67,10 +67,10 @@ class TorchAttentionBackend(AttentionBackend):
         max_q = int(extend_lens.max())
         max_k = int(seq_lens.max())
         starts = torch.cumsum(extend_lens, 0) - extend_lens
-        offs = torch.arange(max_q)[None, :]
+        offs = torch.arange(max_q, device=seq_lens.device)[None, :]
         valid = offs < extend_lens[:, None]
         q_index = torch.where(valid, starts[:, None] + offs + token_start, 0)
-        rows = torch.arange(hi - lo)[:, None] * max_q + offs
+        rows = torch.arange(hi - lo, device=seq_lens.device)[:, None] * max_q + offs
         flat_pos = rows[valid]
         return _ExtendGroup(token_start, int(extend_lens.sum()), q_index, flat_pos,
                             batch.page_table[lo:hi, :max_k], prefix_lens, extend_lens)
@@ -80,7 +80,8 @@ class TorchAttentionBackend(AttentionBackend):
         seq = batch.seq_lens[lo:hi]
         table = batch.page_table[lo:hi, :int(seq.max())]
         n, width = table.shape
-        positions = torch.arange(width)
+        dev = seq.device
+        positions = torch.arange(width, device=dev)
 
         # Runs of consecutive requests sharing at least MIN_SHARED_PREFIX leading slots; a request's
         # newest slot is never shared.
@@ -101,30 +102,31 @@ class TorchAttentionBackend(AttentionBackend):
             if len(members) > 1:
                 runs.append((members, shared))
 
-        start = torch.zeros(n, dtype=torch.int64)
+        start = torch.zeros(n, dtype=torch.int64, device=dev)
         if runs:
             max_m = max(len(m) for m, _ in runs)
             max_p = max(p for _, p in runs)
-            member_index = torch.zeros(len(runs), max_m, dtype=torch.int64)
-            shared_lens = torch.tensor([p for _, p in runs])
+            member_index = torch.zeros(len(runs), max_m, dtype=torch.int64, device=dev)
+            shared_lens = torch.tensor([p for _, p in runs], device=dev)
             member_rows, member_flat = [], []
             for g, (members, p) in enumerate(runs):
-                member_index[g, :len(members)] = torch.tensor(members)
+                member_index[g, :len(members)] = torch.tensor(members, device=dev)
                 member_rows += members
                 member_flat += [g * max_m + j for j in range(len(members))]
                 start[members] = p
-            firsts = torch.tensor([m[0] for m, _ in runs])
+            firsts = torch.tensor([m[0] for m, _ in runs], device=dev)
             prefix_mask = positions[None, :max_p] < shared_lens[:, None]
             prefix_table = table[firsts, :max_p].masked_fill(~prefix_mask, pad)
-            member_rows_t, member_flat_t = torch.tensor(member_rows), torch.tensor(member_flat)
+            member_rows_t = torch.tensor(member_rows, device=dev)
+            member_flat_t = torch.tensor(member_flat, device=dev)
         else:
-            member_index = torch.zeros(0, 1, dtype=torch.int64)
-            prefix_table = torch.zeros(0, 1, dtype=torch.int64)
-            prefix_mask = torch.zeros(0, 1, dtype=torch.bool)
-            member_rows_t = member_flat_t = torch.zeros(0, dtype=torch.int64)
+            member_index = torch.zeros(0, 1, dtype=torch.int64, device=dev)
+            prefix_table = torch.zeros(0, 1, dtype=torch.int64, device=dev)
+            prefix_mask = torch.zeros(0, 1, dtype=torch.bool, device=dev)
+            member_rows_t = member_flat_t = torch.zeros(0, dtype=torch.int64, device=dev)
 
         suffix_len = int((seq - start).max())
-        idx = start[:, None] + torch.arange(suffix_len)[None, :]
+        idx = start[:, None] + torch.arange(suffix_len, device=dev)[None, :]
         suffix_mask = idx < seq[:, None]
         suffix_table = table.gather(1, idx.clamp(max=width - 1)).masked_fill(~suffix_mask, pad)
         cascade = dict(prefix_table=prefix_table, prefix_mask=prefix_mask, member_index=member_index,

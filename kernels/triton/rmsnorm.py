@@ -38,19 +38,29 @@ def _rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _output(given: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if given is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if given.shape != shape or given.dtype != dtype or given.device != device or not given.is_contiguous():
+        raise ValueError(f"an output must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
+                         f"{tuple(given.shape)} {given.dtype} on {given.device}.")
+    return given
+
+
+def rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    out: torch.Tensor | None = None,
+                    summed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rms_norm(residual + x), residual + x), or (rms_norm(x), None) without a residual.
 
-    x, residual: [..., n]; the outputs are new contiguous tensors of x's shape. The normed output has
-    the dtype torch would give weight * x (the reference's last op)."""
+    x, residual: [..., n]. The outputs are contiguous tensors of x's shape, new ones unless given; the
+    normed one has the dtype torch would give weight * x (the reference's last op)."""
     n_cols = x.shape[-1]
     if n_cols > _MAX_COLS:
         raise ValueError(f"rms_norm_triton handles rows of at most {_MAX_COLS} values, got {n_cols}.")
     if weight.shape != (n_cols,):
         raise ValueError(f"weight must be [{n_cols}], got {tuple(weight.shape)}.")
     xr = _rows(x, n_cols)
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out = _output(out, x.shape, torch.promote_types(weight.dtype, x.dtype), x.device)
     out_rows = out.view(-1, n_cols)
     summed = None
     rr, sum_rows = xr, out_rows  # placeholders the kernel never touches without a residual
@@ -59,7 +69,7 @@ def rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
             raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                              f"({tuple(residual.shape)}, {residual.dtype}).")
         rr = _rows(residual, n_cols)
-        summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        summed = _output(summed_out, x.shape, x.dtype, x.device)
         sum_rows = summed.view(-1, n_cols)
     n_rows = xr.shape[0]
     if n_rows:

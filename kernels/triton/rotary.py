@@ -38,23 +38,29 @@ def _rotary_kernel(X, Out, Positions, Cos, Sin, stride_xt, stride_xh, stride_ot,
     tl.store(dst + HALF, second.to(dt), mask=ok)
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
-            sin_table: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+            out: torch.Tensor | None) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(x.shape)} {x.dtype} tensor on {x.device} with a contiguous last "
+                         f"dim, got {tuple(out.shape)} {out.dtype} on {out.device}.")
     t, heads, head_dim = x.shape
     if t:
         _rotary_kernel[(t,)](
             x, out, positions, cos_table, sin_table, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             cos_table.stride(0), sin_table.stride(0), heads, HALF=head_dim // 2,
-            BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim // 2))
+            BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim // 2),
+            enable_fp_fusion=False)  # the reference rounds each product before the sum
     return out
 
 
 def rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
-                  sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  sin_table: torch.Tensor, q_out: torch.Tensor | None = None,
+                  k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D] (any token and head strides, contiguous last dim); positions: [T]
-    integer; cos_table, sin_table: [P, D]. Returns new contiguous rotated q and k."""
+    integer; cos_table, sin_table: [P, D]. Returns rotated q and k (new tensors unless given)."""
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
         raise ValueError(f"q and k must be [T, heads, head_dim] with the same T, head_dim and dtype; got "
                          f"{tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}.")
@@ -68,4 +74,4 @@ def rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
                          f"and {tuple(sin_table.shape)}.")
     cos_table = cos_table if cos_table.stride(-1) == 1 else cos_table.contiguous()
     sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
-    return _rotate(q, positions, cos_table, sin_table), _rotate(k, positions, cos_table, sin_table)
+    return _rotate(q, positions, cos_table, sin_table, q_out), _rotate(k, positions, cos_table, sin_table, k_out)

@@ -288,8 +288,8 @@ def launch_sampling(probs: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, t
 
 
 def draw_tokens_triton(probs: torch.Tensor, u: torch.Tensor, top_k: list[int], top_p: list[float],
-                       min_p: list[float]) -> torch.Tensor:
-    """draw_tokens_torch's contract and tokens (see the module docstring)."""
+                       min_p: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
+    """draw_tokens_torch's contract and tokens (see the module docstring); out: [n] int64 if given."""
     n, vocab = probs.shape
     device = probs.device
     probs = probs.float()
@@ -299,7 +299,7 @@ def draw_tokens_triton(probs: torch.Tensor, u: torch.Tensor, top_k: list[int], t
     p = torch.tensor(top_p, dtype=torch.float64, device=device)
     m = torch.tensor(min_p, dtype=torch.float32, device=device)
     u = u.to(device=device, dtype=torch.float64)
-    out = torch.empty(n, dtype=torch.int64, device=device)
+    out = torch.empty(n, dtype=torch.int64, device=device) if out is None else out
     for truncate in (False, True):
         rows = [i for i in range(n) if truncates[i] == truncate]
         if rows:

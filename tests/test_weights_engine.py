@@ -15,6 +15,7 @@ import torch
 
 from runtime.engine import Engine, WeightsUnusableError
 from weight_trainer import hf_greedy, perturbed
+from cpu_device import CPU_ARGS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,7 +25,7 @@ PROMPT = [5, 17, 99, 42, 7, 200, 31, 64, 128, 3, 11, 12]
 
 @pytest.fixture(scope="module")
 def eng(checkpoints):
-    e = Engine(checkpoints["a"], skip_tokenizer_init=True, max_total_tokens=4096, progress=False)
+    e = Engine(checkpoints["a"], skip_tokenizer_init=True, max_total_tokens=4096, progress=False, **CPU_ARGS)
     yield e
     e.shutdown()
 

@@ -15,7 +15,6 @@ from rollout import RolloutClient, WeightUpdateError
 from rollout.local_server import LocalServer
 from rollout.testing import make_tiny_model_dir
 from sync import iterate_checkpoint
-from cpu_device import CPU_ARGS
 
 _skip = pytest.mark.skipif(not _HAS_WEIGHT_ROUTES, reason="needs the weight-update routes (branch weights)")
 pytestmark = [pytest.mark.timeout(180), _skip]
@@ -25,7 +24,7 @@ pytestmark = [pytest.mark.timeout(180), _skip]
 def setup(tmp_path_factory: pytest.TempPathFactory):
     d0 = make_tiny_model_dir(tmp_path_factory.mktemp("w0"), seed=0)
     d1 = make_tiny_model_dir(tmp_path_factory.mktemp("w1"), seed=1)
-    servers = [LocalServer(d0, num_threads=1, **CPU_ARGS).spawn() for _ in range(2)]
+    servers = [LocalServer(d0, num_threads=1, device="cpu", dtype="float32").spawn() for _ in range(2)]
     try:
         for s in servers:
             s.wait_until_ready(180)

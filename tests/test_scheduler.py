@@ -23,7 +23,6 @@ from runtime.model_runner import ModelRunner
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
 from runtime.server_args import ServerArgs
-from cpu_device import CPU_ARGS
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 LOGPROB_TOL = 1e-5
@@ -37,7 +36,7 @@ def model_path(tiny_model_dir) -> str:
 @contextmanager
 def engine(model_path: str, **kw: Any) -> Iterator[Engine]:
     kw.setdefault("max_total_tokens", 4096)
-    eng = Engine(model_path, skip_tokenizer_init=True, progress=False, **{**CPU_ARGS, **kw})
+    eng = Engine(model_path, skip_tokenizer_init=True, progress=False, **{"device": "cpu", "dtype": "float32", **kw})
     try:
         yield eng
     finally:

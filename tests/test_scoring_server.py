@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rollout.testing import ServerProcess, make_tiny_model_dir
 from rollout.testing_scoring import make_reward_model_dir, make_tiny_cross_encoder_dir
-from cpu_device import CPU_FLAGS
 
 CHATS = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
          "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n5, I think.<|im_end|>",
@@ -21,7 +20,8 @@ CHATS = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im
 
 
 def start(path: str, *extra: str) -> ServerProcess:
-    return ServerProcess([*CPU_FLAGS, "--model-path", path, "--max-total-tokens", "8192", "--log-level", "warning",
+    return ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--model-path", path, "--max-total-tokens", "8192", "--log-level", "warning",
                           *extra]).start(timeout=300)
 
 

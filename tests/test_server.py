@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 
 from rollout.http_server import FLUSH_OK_TEXT
 from rollout.testing import ServerProcess, make_tiny_model_dir
-from cpu_device import CPU_FLAGS
 
 CONTEXT = 4096
 MODEL_INFO_KEYS = {"model_path", "tokenizer_path", "is_generation", "preferred_sampling_params", "weight_version",
@@ -33,7 +32,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     log = str(tmp_path_factory.mktemp("server-log") / "server.log")
-    proc = ServerProcess([*CPU_FLAGS, "--model-path", model_dir, "--max-total-tokens", "120000", "--log-level", "warning"],
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--model-path", model_dir, "--max-total-tokens", "120000", "--log-level", "warning"],
                          log_path=log)
     proc.start(timeout=300)
     yield proc

@@ -9,14 +9,14 @@ import pytest
 import requests
 
 from rollout.testing import ServerProcess
-from cpu_device import CPU_FLAGS
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess([*CPU_FLAGS, "--max-total-tokens", "30000", "--log-level", "warning"]).start(timeout=600)
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--max-total-tokens", "30000", "--log-level", "warning"]).start(timeout=600)
     yield proc
     assert proc.stop() == 0, proc.log()
 

@@ -20,11 +20,10 @@ from sync import (CheckpointNotFoundError, PartialUpdateError, Transaction, Weig
                   apply_in_place_with_backup, apply_named_tensors, check_specs, checkpoint_specs, digest_of,
                   iterate_checkpoint, model_checksums, update_weights_from_disk, validate_checkpoint)
 from sync.specs import TensorSpecs
-from cpu_device import CPU_ARGS
 
 
 def _runner(path: str) -> ModelRunner:
-    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512, **CPU_ARGS), progress=False)
+    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512, device="cpu", dtype="float32"), progress=False)
 
 
 def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:

@@ -26,7 +26,6 @@ from sync import (BroadcastError, GroupJoinError, Transaction, WeightSender, app
                   destroy_process_group, init_custom_process_group, iterate_checkpoint, layout_bucket,
                   model_checksums, named_checksums, receive_buckets, receive_tensors, tcp_init_method)
 from sync.specs import TensorSpecs
-from cpu_device import CPU_ARGS
 
 pytestmark = pytest.mark.timeout(180)  # a hang is a failure, never a stuck CI job
 
@@ -176,7 +175,8 @@ def _model(path: str):
     from runtime.model_runner import ModelRunner
     from runtime.server_args import ServerArgs
 
-    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512, **CPU_ARGS), progress=False).model
+    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512,
+                                  device="cpu", dtype="float32"), progress=False).model
 
 
 def _collect(results, n: int) -> dict[str, Any]:

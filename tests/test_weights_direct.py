@@ -21,7 +21,6 @@ from rollout.testing import free_port
 from runtime.engine import Engine, WeightsUnusableError
 from sync import plan_buckets
 from weight_trainer import hf_greedy
-from cpu_device import CPU_ARGS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,7 +88,7 @@ def hf_order(ckpt) -> list[str]:
 
 def _engine(ckpt: str, mode: str) -> Engine:
     return Engine(ckpt, skip_tokenizer_init=True, max_total_tokens=2048, progress=False, weight_update_receive=mode,
-                  **CPU_ARGS)
+                  device="cpu", dtype="float32")
 
 
 def _greedy(eng: Engine) -> list[int]:

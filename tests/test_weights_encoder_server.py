@@ -19,7 +19,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from rollout.testing import ServerProcess
 from rollout.testing_scoring import make_tiny_cross_encoder_dir
-from cpu_device import CPU_FLAGS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -52,8 +51,9 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def servers(paths):
-    procs = {"bert": ServerProcess([*CPU_FLAGS, "--model-path", paths["bert_a"], "--skip-tokenizer-init"]),
-             "ce": ServerProcess([*CPU_FLAGS, "--model-path", paths["ce_a"]])}
+    procs = {"bert": ServerProcess(["--device", "cpu", "--dtype", "float32",
+                                    "--model-path", paths["bert_a"], "--skip-tokenizer-init"]),
+             "ce": ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", paths["ce_a"]])}
     for p in procs.values():  # both load at once
         p.args += ["--is-embedding", "--log-level", "warning", "--weight-version", "a"]
         p._log = open(p.log_path, "wb")

@@ -18,7 +18,6 @@ import torch
 
 from runtime.engine import Engine
 from weight_trainer import perturbed
-from cpu_device import CPU_ARGS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -85,7 +84,7 @@ def client(eng: Engine, k: int, mode: str, order: dict[str, int], stop: threadin
 @pytest.fixture(scope="module")
 def eng(tiny_model_dir):
     e = Engine(tiny_model_dir("llama"), skip_tokenizer_init=True, max_total_tokens=16384, progress=False,
-               max_running_requests=256, **CPU_ARGS)
+               max_running_requests=256, device="cpu", dtype="float32")
     yield e
     e.shutdown()
 

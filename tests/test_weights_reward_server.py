@@ -12,7 +12,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rollout.testing import ServerProcess, make_tiny_model_dir
 from rollout.testing_scoring import make_reward_model_dir
-from cpu_device import CPU_FLAGS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,7 +33,8 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(paths):
-    proc = ServerProcess([*CPU_FLAGS, "--model-path", paths["a"], "--is-embedding", "--max-total-tokens", "8192",
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--model-path", paths["a"], "--is-embedding", "--max-total-tokens", "8192",
                           "--log-level", "warning", "--weight-version", "a"]).start(timeout=300)
     yield proc
     assert proc.stop() == 0, proc.log()

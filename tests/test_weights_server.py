@@ -25,7 +25,6 @@ import torch
 from rollout.testing import ServerProcess, free_port
 from sync import encode_named_tensors
 from weight_trainer import hf_greedy, perturbed
-from cpu_device import CPU_FLAGS
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,7 +39,8 @@ CHECK_NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.dow
 @pytest.fixture(scope="module")
 def servers(checkpoints):
     # The first receives broadcasts straight into its weights (the default), the second buffers them.
-    procs = [ServerProcess([*CPU_FLAGS, "--model-path", checkpoints["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
+    procs = [ServerProcess(["--device", "cpu", "--dtype", "float32",
+                            "--model-path", checkpoints["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
                             "--log-level", "warning", "--weight-version", "v0", "--weight-update-receive", mode])
              for mode in RECEIVE_MODES]
     for p in procs:

@@ -2,14 +2,15 @@
 kernels/sampling.py (`draw_tokens_torch`); for the same probabilities and u this kernel picks the same
 token, because it repeats the reference's arithmetic rather than its algorithm:
 
-- the truncation is found without sorting: binary searches over the fp32 bit patterns (monotone for
-  probabilities >= 0) find the k-th largest probability and the probability at which the sorted
-  cumulative sum reaches top_p; ties straddling the cut keep their lowest ids, as the reference does;
+- the truncation is found without sorting: radix searches over the fp32 bit patterns (monotone for
+  probabilities >= 0; RADIX_BITS bits per pass over the row) find the k-th largest probability and the
+  probability at which the sorted cumulative sum reaches top_p; ties straddling the cut keep their
+  lowest ids, as the reference does;
 - rows the reference draws with its exact path (a truncation not cut through ties) use a float64
   inverse CDF in id order; the others (no truncation, or ties at the cut) use the reference's two-level
   scan, whose 256-token block sums are fp32 and rounded in torch's CPU summation order, reproduced
-  below (`_cpu_sum_order` lanes); float64 sums may differ from the reference's sequential ones in the
-  last bit, which moves a draw only if u falls within ~1e-16 of a boundary.
+  below (CPU_SUM_LANES); float64 sums may differ from the reference's sequential ones in the last bit,
+  which moves a draw only if u falls within ~1e-16 of a boundary.
 
 One program per row. Rows without truncation and rows with it are separate launches (TRUNCATE), so
 plain sampling never pays for the searches.
@@ -38,8 +39,7 @@ _MAX_BLOCK = 2048
 
 @triton.jit
 def _sample_kernel(Probs, U, TopK, TopP, MinP, Rows, BlockSums, BlockCdfs, Work, Out, stride_p, stride_bs,
-                   stride_work,
-                   vocab, TRUNCATE: tl.constexpr, BLOCK: tl.constexpr, CDF_BLOCK: tl.constexpr,
+                   stride_work, vocab, TRUNCATE: tl.constexpr, BLOCK: tl.constexpr, CDF_BLOCK: tl.constexpr,
                    LANES: tl.constexpr, ILP: tl.constexpr, RADIX_BITS: tl.constexpr,
                    SEARCH_STEPS: tl.constexpr, SEARCH_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -50,7 +50,7 @@ def _sample_kernel(Probs, U, TopK, TopP, MinP, Rows, BlockSums, BlockCdfs, Work,
     u = tl.load(U + row).to(tl.float64)
     offs = tl.arange(0, BLOCK)
 
-    # The max (min_p's floor and the searches' bound) and the total mass.
+    # The max (for min_p's floor) and the total mass (whether top_p is reached at all).
     top = tl.zeros([BLOCK], tl.float32)
     mass = tl.zeros([BLOCK], tl.float64)
     for start in range(0, vocab, BLOCK):

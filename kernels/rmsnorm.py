@@ -1,6 +1,14 @@
-"""RMSNorm. The torch version is the reference (and the CPU path); a Triton kernel joins it later."""
+"""RMSNorm, alone and fused with the residual add before it (what a pre-norm decoder layer does twice).
+
+The torch functions are the reference and the CPU path; CUDA tensors go to the Triton kernel in
+kernels/triton/rmsnorm.py (imported only then, so the CPU path never needs triton).
+"""
+
+from __future__ import annotations
 
 import torch
+
+from kernels.implementation import choose_implementation
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -12,5 +20,27 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * h.to(input_dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm_torch(x, weight, eps)
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x): the sum is the next residual stream."""
+    summed = residual + x
+    return rms_norm_torch(summed, weight, eps), summed
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
+    if choose_implementation(impl, x.device) == "torch":
+        return rms_norm_torch(x, weight, eps)
+    from kernels.triton.rmsnorm import rms_norm_triton
+
+    return rms_norm_triton(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual) where new residual = residual + x."""
+    if choose_implementation(impl, x.device) == "torch":
+        return add_rms_norm_torch(x, residual, weight, eps)
+    from kernels.triton.rmsnorm import rms_norm_triton
+
+    normed, summed = rms_norm_triton(x, residual, weight, eps)
+    return normed, summed

@@ -27,6 +27,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from kernels.row_select import long_tensor, put_rows, row_index, take_rows
+from kernels.sampling import draw_tokens
 from runtime.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 __all__ = [
@@ -39,16 +41,6 @@ __all__ = [
 ]
 
 LogprobList = list[tuple[float, int]]
-
-# Inverse-CDF sampling sums probabilities in blocks of this many tokens, so the float64 scan runs
-# over V / _CDF_BLOCK block sums plus one block instead of converting the whole row to float64
-# (which costs more than the softmax itself on a CPU).
-_CDF_BLOCK = 256
-# First guess of how many of the most probable tokens a top-p cut needs; rows whose cut lies
-# further out are retried with 8x more candidates, so a full-vocabulary sort (very slow on a CPU)
-# is only paid for nearly flat distributions.
-_TOP_P_PROBE = 256
-
 
 # ----------------------------------------------------------------------------------------------
 # Counter-based random numbers (splitmix64 in int64 tensor arithmetic)
@@ -199,11 +191,11 @@ class Sampler:
 
         next_ids = torch.empty(batch, dtype=torch.int64, device=device)
         if plan.greedy:
-            g = _index(plan.greedy, batch, device)
-            _put_rows(next_ids, g, _take_rows(x, g).argmax(dim=-1))
+            g = row_index(plan.greedy, batch, device)
+            put_rows(next_ids, g, take_rows(x, g).argmax(dim=-1))
         if plan.sampled:
-            s = _index(plan.sampled, batch, device)
-            _put_rows(next_ids, s, self._draw(_take_rows(scaled, s), [rows[i] for i in plan.sampled]))
+            s = row_index(plan.sampled, batch, device)
+            put_rows(next_ids, s, self._draw(take_rows(scaled, s), [rows[i] for i in plan.sampled]))
 
         wants = [
             i
@@ -214,11 +206,11 @@ class Sampler:
         top: list[LogprobList | None] = [None] * batch
         by_id: list[LogprobList | None] = [None] * batch
         if wants:
-            w = _index(wants, batch, device)
-            lsm = torch.log_softmax(_take_rows(scaled, w), dim=-1)
+            w = row_index(wants, batch, device)
+            lsm = torch.log_softmax(take_rows(scaled, w), dim=-1)
             chosen, tops, ids = _entries(
                 lsm,
-                _take_rows(next_ids, w),
+                take_rows(next_ids, w),
                 [top_logprobs_num[i] for i in wants],
                 [token_ids_logprob[i] for i in wants],
             )
@@ -264,80 +256,37 @@ class Sampler:
         device = x.device
         if plan.bias_rows:
             x.index_put_(
-                (_long(plan.bias_rows, device), _long(plan.bias_tokens, device)),
+                (long_tensor(plan.bias_rows, device), long_tensor(plan.bias_tokens, device)),
                 torch.tensor(plan.bias_values, dtype=torch.float32, device=device),
                 accumulate=True,
             )
         if plan.mask_rows:
-            x[_long(plan.mask_rows, device), _long(plan.mask_tokens, device)] = float("-inf")
+            x[long_tensor(plan.mask_rows, device), long_tensor(plan.mask_tokens, device)] = float("-inf")
         if plan.penalized:
             _apply_penalties(x, rows, plan.penalized)
 
     def _draw(self, scaled: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
         """One token per row from softmax(scaled) truncated by top-k / top-p / min-p."""
         device = scaled.device
-        n, vocab = scaled.shape
+        vocab = scaled.shape[1]
         probs = torch.softmax(scaled, dim=-1)
         u = seeded_uniform(
-            _long([_as_int64(int(r.seed)) for r in rows], device),
-            _long([len(r.output_ids) for r in rows], device),
+            long_tensor([_as_int64(int(r.seed)) for r in rows], device),
+            long_tensor([len(r.output_ids) for r in rows], device),
         )
         params = [r.sampling_params for r in rows]
-        top_k = [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in params]
-        top_p = [float(sp.top_p) for sp in params]
-        min_p = [float(sp.min_p) for sp in params]
-        truncates = [top_k[i] < vocab or top_p[i] < 1.0 for i in range(n)]
-        cut = [i for i in range(n) if truncates[i]]
-        free = [i for i in range(n) if not truncates[i]]
-
-        tokens = torch.empty(n, dtype=torch.int64, device=device)
-        if free:
-            f = _index(free, n, device)
-            sub = _take_rows(probs, f)  # probs is ours, so masking it in place is fine
-            floors = [min_p[i] for i in free]
-            if any(m > 0.0 for m in floors):
-                floor = torch.tensor(floors, dtype=torch.float32, device=device) * sub.amax(dim=-1)
-                sub.masked_fill_(sub < floor[:, None], 0.0)
-            _put_rows(tokens, f, _inverse_cdf(sub, _take_rows(u, f)))
-        if cut:
-            c = _index(cut, n, device)
-            picked = _draw_truncated(
-                _take_rows(probs, c),
-                [top_k[i] for i in cut],
-                [top_p[i] for i in cut],
-                [min_p[i] for i in cut],
-                _take_rows(u, c),
-            )
-            _put_rows(tokens, c, picked)
-        return tokens
+        return draw_tokens(
+            probs,
+            u,
+            [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in params],
+            [float(sp.top_p) for sp in params],
+            [float(sp.min_p) for sp in params],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _long(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def _index(rows: list[int], batch: int, device: torch.device) -> torch.Tensor | None:
-    """Row indices as a tensor, or None when they are all rows in order (no gather needed)."""
-    if len(rows) == batch:
-        return None
-    return _long(rows, device)
-
-
-def _take_rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    # Advanced indexing, not index_select: the latter is several times slower on wide CPU rows.
-    return x if index is None else x[index]
-
-
-def _put_rows(dst: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor) -> None:
-    if index is None:
-        dst.copy_(src)
-    else:
-        dst[index] = src
 
 
 def _token_positions(
@@ -346,9 +295,9 @@ def _token_positions(
     """Flat positions row * vocab + token in x for every listed token, out-of-vocab ids dropped."""
     vocab = x.shape[1]
     device = x.device
-    lengths = _long([len(ids) for ids in id_lists], device)
-    owner = torch.repeat_interleave(_long(row_numbers, device), lengths)
-    tokens = _long([t for ids in id_lists for t in ids], device)
+    lengths = long_tensor([len(ids) for ids in id_lists], device)
+    owner = torch.repeat_interleave(long_tensor(row_numbers, device), lengths)
+    tokens = long_tensor([t for ids in id_lists for t in ids], device)
     ok = (tokens >= 0) & (tokens < vocab)
     return (owner * vocab + tokens)[ok]
 
@@ -392,122 +341,8 @@ def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplerRow], penalized: lis
 def _per_row(x: torch.Tensor, row_numbers: list[int], values: list[float]) -> torch.Tensor:
     """A [rows of x] fp32 vector holding values at row_numbers (zero elsewhere, never read)."""
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    out[_long(row_numbers, x.device)] = torch.tensor(values, dtype=torch.float32, device=x.device)
+    out[long_tensor(row_numbers, x.device)] = torch.tensor(values, dtype=torch.float32, device=x.device)
     return out
-
-
-def _draw_truncated(
-    probs: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float], u: torch.Tensor
-) -> torch.Tensor:
-    """Draw from the n most probable tokens of each row, n = min(top_k, the smallest count whose
-    cumulative prob reaches top_p), both counted on the untruncated probs; then min_p.
-
-    torch.topk gives the candidates, so the full-vocabulary sort (very slow on a CPU) is only paid
-    when a top-p cut lies beyond _TOP_P_PROBE * 8**i candidates. Only the sorted values decide n,
-    so topk (whose order among equal values is unspecified) gives the same n as a stable sort. The
-    kept tokens are then put in id order before the inverse CDF, which makes the draw the same as
-    a masked vocabulary-order draw and independent of how many candidates this batch fetched.
-    """
-    rows, vocab = probs.shape
-    device = probs.device
-    k_all = _long(top_k, device)
-    # top_p = 1 disables the cut; +inf makes every candidate pass the comparison below.
-    p_all = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], dtype=torch.float64, device=device)
-    m_all = torch.tensor(min_p, dtype=torch.float32, device=device)
-    tokens = torch.empty(rows, dtype=torch.int64, device=device)
-
-    pending = list(range(rows))
-    width = min(vocab, max(min(k, _TOP_P_PROBE) if p < 1.0 else k for k, p in zip(top_k, top_p)))
-    while pending:
-        idx = _index(pending, rows, device)
-        # One look-ahead candidate shows whether the next token ties with the last kept one.
-        cand = min(vocab, width + 1)
-        vals, ids = torch.topk(_take_rows(probs, idx), cand, dim=-1)
-        cum = torch.cumsum(vals, dim=-1, dtype=torch.float64)
-        n_p = ((cum - vals.double()) < _take_rows(p_all, idx)[:, None]).sum(dim=-1)
-        n = torch.minimum(n_p, _take_rows(k_all, idx))
-        located = (n < cand) | (cand == vocab)
-        last = vals.gather(1, (n - 1)[:, None]).squeeze(1)
-        nxt = vals.gather(1, n.clamp(max=cand - 1)[:, None]).squeeze(1)
-        straddles = (n < cand) & (nxt == last)
-        floor = _take_rows(m_all, idx) * vals[:, 0]
-
-        keep = (torch.arange(cand, device=device) < n[:, None]) & (vals >= floor[:, None])
-        # Kept ids first, in id order; dropped ones sort after them with a key past the vocabulary.
-        key, order = torch.where(keep, ids, vocab).sort(dim=-1)
-        weights = torch.where(key < vocab, vals.gather(1, order), 0.0)
-        pick = _inverse_cdf_exact(weights, _take_rows(u, idx))
-        _put_rows(tokens, idx, key.gather(1, pick[:, None]).squeeze(1))
-
-        still: list[int] = []
-        ties: list[int] = []
-        for j, (row, done, tie) in enumerate(zip(pending, located.tolist(), straddles.tolist())):
-            if not done:
-                still.append(row)
-            elif tie:
-                ties.append(j)
-        if ties:
-            # Equal probs straddle the cut, and topk may have fetched any of them: redo these rows
-            # over the whole vocabulary, keeping the lowest ids among the ties (a stable sort's
-            # choice).
-            need = n - (vals > last[:, None]).sum(dim=-1)
-            for j in ties:
-                row = pending[j]
-                p = probs[row]
-                level = p == last[j]
-                kept = (p > last[j]) | (level & (level.cumsum(0) <= need[j]))
-                w = torch.where(kept & (p >= floor[j]), p, 0.0)
-                tokens[row] = _inverse_cdf(w[None], u[row : row + 1])[0]
-        pending = still
-        width = min(vocab, width * 8)
-    return tokens
-
-
-def _inverse_cdf_exact(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index per row where the float64 running sum of weights first exceeds u * total."""
-    cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
-    total = cdf[:, -1]
-    target = torch.minimum(u * total, _below(total))
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token index per row such that the cumulative (unnormalised) prob first exceeds u * total.
-
-    Two levels: fp32 sums of _CDF_BLOCK-token blocks scanned in float64 pick the block, then a
-    float64 scan inside that block picks the token. A zero-prob token is never returned.
-    """
-    rows, vocab = probs.shape
-    device = probs.device
-    full = vocab // _CDF_BLOCK
-    parts = []
-    if full:
-        parts.append(probs[:, : full * _CDF_BLOCK].reshape(rows, full, _CDF_BLOCK).sum(dim=-1))
-    if vocab % _CDF_BLOCK:
-        parts.append(probs[:, full * _CDF_BLOCK :].sum(dim=-1, keepdim=True))
-    block = torch.cat(parts, dim=1).double()
-    cdf = torch.cumsum(block, dim=-1)
-    total = cdf[:, -1]
-    target = torch.minimum(u * total, _below(total))
-    b = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-    mass = block.gather(1, b[:, None]).squeeze(1)
-    start = cdf.gather(1, b[:, None]).squeeze(1) - mass
-    local_u = ((target - start) / mass).clamp_(0.0, 1.0)
-
-    cols = b[:, None] * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=device)
-    inside = cols < vocab
-    w = probs.gather(1, cols.clamp(max=vocab - 1)).double() * inside
-    local = torch.cumsum(w, dim=-1)
-    local_total = local[:, -1]
-    local_target = torch.minimum(local_u * local_total, _below(local_total))
-    j = torch.searchsorted(local, local_target[:, None], right=True).squeeze(1).clamp_(max=_CDF_BLOCK - 1)
-    return (b * _CDF_BLOCK + j).clamp_(max=vocab - 1)
-
-
-def _below(total: torch.Tensor) -> torch.Tensor:
-    """The largest float64 under total: a search target strictly below the running sum's end
-    lands on an entry with positive weight, whatever u rounds to."""
-    return torch.nextafter(total, torch.zeros_like(total))
 
 
 def _entries(
@@ -525,8 +360,8 @@ def _entries(
     k_max = min(vocab, max(top_nums, default=0))
     if k_max > 0:
         with_top = [i for i in range(n) if top_nums[i] > 0]
-        t = _index(with_top, n, device)
-        vals, ids = torch.topk(_take_rows(lsm, t), k_max, dim=-1)
+        t = row_index(with_top, n, device)
+        vals, ids = torch.topk(take_rows(lsm, t), k_max, dim=-1)
         vals_l, ids_l = vals.tolist(), ids.tolist()
         for j, i in enumerate(with_top):
             k = min(top_nums[i], vocab)
@@ -536,7 +371,7 @@ def _entries(
     flat_rows = [i for i, ids in enumerate(id_lists) if ids for _ in ids]
     if flat_rows:
         flat_ids = [t for ids in id_lists if ids for t in ids]
-        vals_l = lsm[_long(flat_rows, device), _long(flat_ids, device)].tolist()
+        vals_l = lsm[long_tensor(flat_rows, device), long_tensor(flat_ids, device)].tolist()
         pos = 0
         for i, ids in enumerate(id_lists):
             if ids:

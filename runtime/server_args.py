@@ -59,7 +59,7 @@ class ServerArgs:
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.float32 if self.device == "cpu" else torch.bfloat16
+            return torch.float32 if torch.device(self.device).type == "cpu" else torch.bfloat16
         names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}

@@ -94,3 +94,29 @@ def checkpoints(tiny_model_dir: Callable[..., str]) -> dict[str, str]:
     return {"a": tiny_model_dir("llama"), "b": tiny_model_dir("llama", seed=1),
             "wide": tiny_model_dir("llama", intermediate_size=96)}
 
+
+
+def _triton_process(interpret: bool):
+    import importlib.util
+
+    from triton_interpret import TritonProcess
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
+    process = TritonProcess(interpret)
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """A child process where Triton interprets: kernels run on CPU tensors (tests/triton_interpret.py)."""
+    yield from _triton_process(interpret=True)
+
+
+@pytest.fixture(scope="session")
+def triton_compiler():
+    """A child process where Triton compiles (offline, for a GPU architecture; tests/triton_interpret.py)."""
+    yield from _triton_process(interpret=False)

@@ -22,7 +22,7 @@ from rollout.testing import make_tiny_model_dir
 pytestmark = pytest.mark.timeout(240)
 
 KEY = "secret-key"
-SERVER_ARGS = dict(num_threads=1, max_total_tokens=8192, random_seed=0)
+SERVER_ARGS = dict(num_threads=1, max_total_tokens=8192, random_seed=0, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_flush_cache_health_info_and_progress(client: RolloutClient, capsys: pyt
 
 def test_launch_server_context_manager(model_dir: str) -> None:
     with pytest.raises(RuntimeError, match="not a local Hugging Face model directory"):
-        rollout.launch_server(model_dir + "/missing", timeout=60)
+        rollout.launch_server(model_dir + "/missing", timeout=60, device="cpu", dtype="float32")
 
 
 def test_retries_ride_out_a_server_restart(servers) -> None:

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.timeout(180)
 def servers(tmp_path_factory: pytest.TempPathFactory):
     lm_dir = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-lm"))
     rm_dir = make_reward_model_dir(tmp_path_factory.mktemp("tiny-rm"), base=lm_dir)
-    rm = LocalServer(rm_dir, is_embedding=True, num_threads=1).spawn()
-    lm = LocalServer(lm_dir, num_threads=1).spawn()
+    rm = LocalServer(rm_dir, is_embedding=True, num_threads=1, device="cpu", dtype="float32").spawn()
+    lm = LocalServer(lm_dir, num_threads=1, device="cpu", dtype="float32").spawn()
     try:
         rm.wait_until_ready(180)
         lm.wait_until_ready(180)

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.timeout(180), _skip]
 def setup(tmp_path_factory: pytest.TempPathFactory):
     d0 = make_tiny_model_dir(tmp_path_factory.mktemp("w0"), seed=0)
     d1 = make_tiny_model_dir(tmp_path_factory.mktemp("w1"), seed=1)
-    servers = [LocalServer(d0, num_threads=1).spawn() for _ in range(2)]
+    servers = [LocalServer(d0, num_threads=1, device="cpu", dtype="float32").spawn() for _ in range(2)]
     try:
         for s in servers:
             s.wait_until_ready(180)

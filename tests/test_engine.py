@@ -36,7 +36,8 @@ IDS_META = {"input_token_ids_logprobs", "output_token_ids_logprobs"}
 
 @pytest.fixture(scope="module")
 def eng(tiny_model_dir):
-    e = Engine(tiny_model_dir("llama"), skip_tokenizer_init=True, max_total_tokens=4096, progress=False)
+    e = Engine(tiny_model_dir("llama"), skip_tokenizer_init=True, max_total_tokens=4096, progress=False,
+               device="cpu", dtype="float32")
     yield e
     e.shutdown()
 
@@ -58,7 +59,7 @@ def tok_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tok_eng(tok_model_dir):
-    e = Engine(tok_model_dir, max_total_tokens=4096, progress=False)
+    e = Engine(tok_model_dir, max_total_tokens=4096, progress=False, device="cpu", dtype="float32")
     yield e
     e.shutdown()
 
@@ -277,7 +278,7 @@ def test_stop_strings_trim_and_no_stop_trim(tok_eng):
 
 @pytest.mark.slow
 def test_stop_string_on_smollm2():
-    with Engine(max_total_tokens=2048, progress=False) as e:
+    with Engine(max_total_tokens=2048, progress=False, device="cpu", dtype="float32") as e:
         prompt = "Count: one, two, three, four, five,"
         ref = e.generate(prompt=prompt, sampling_params={**GREEDY, "max_new_tokens": 12})
         assert "six" in ref["text"]

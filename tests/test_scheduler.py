@@ -37,7 +37,7 @@ def model_path(tiny_model_dir) -> str:
 @contextmanager
 def engine(model_path: str, **kw: Any) -> Iterator[Engine]:
     kw.setdefault("max_total_tokens", 4096)
-    eng = Engine(model_path, skip_tokenizer_init=True, progress=False, **kw)
+    eng = Engine(model_path, skip_tokenizer_init=True, progress=False, **{"device": "cpu", "dtype": "float32", **kw})
     try:
         yield eng
     finally:

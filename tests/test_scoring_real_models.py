@@ -33,7 +33,8 @@ def test_smollm2_reward_model_matches_transformers(tmp_path):
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         want = ref(**enc).logits[:, 0].tolist()
-    with ServerProcess(["--model-path", path, "--is-embedding", "--max-total-tokens", "8192",
+    with ServerProcess(["--device", "cpu", "--dtype", "float32",
+                        "--model-path", path, "--is-embedding", "--max-total-tokens", "8192",
                         "--log-level", "warning"]) as server:
         resp = server.post("/classify", json={"text": texts})
         assert resp.status_code == 200, resp.text
@@ -55,7 +56,8 @@ def test_minilm_embeddings_match_transformers():
         hidden = ref(**enc).last_hidden_state
     mask = enc["attention_mask"][..., None].float()
     want = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-    with ServerProcess(["--model-path", path, "--is-embedding", "--log-level", "warning"]) as server:
+    with ServerProcess(["--device", "cpu", "--dtype", "float32",
+                        "--model-path", path, "--is-embedding", "--log-level", "warning"]) as server:
         resp = server.post("/encode", json={"text": sentences})
         assert resp.status_code == 200, resp.text
         got = torch.tensor([o["embedding"] for o in resp.json()])

@@ -20,7 +20,8 @@ CHATS = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im
 
 
 def start(path: str, *extra: str) -> ServerProcess:
-    return ServerProcess(["--model-path", path, "--max-total-tokens", "8192", "--log-level", "warning",
+    return ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--model-path", path, "--max-total-tokens", "8192", "--log-level", "warning",
                           *extra]).start(timeout=300)
 
 

@@ -32,7 +32,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     log = str(tmp_path_factory.mktemp("server-log") / "server.log")
-    proc = ServerProcess(["--model-path", model_dir, "--max-total-tokens", "120000", "--log-level", "warning"],
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--model-path", model_dir, "--max-total-tokens", "120000", "--log-level", "warning"],
                          log_path=log)
     proc.start(timeout=300)
     yield proc

@@ -43,7 +43,8 @@ def process_gone(pid: int, timeout: float) -> bool:
 
 
 def test_api_key_skip_tokenizer_and_engine_death(model_dir, tmp_path):
-    with ServerProcess(["--model-path", model_dir, "--skip-tokenizer-init", "--log-level", "warning"],
+    with ServerProcess(["--device", "cpu", "--dtype", "float32",
+                        "--model-path", model_dir, "--skip-tokenizer-init", "--log-level", "warning"],
                        api_key=KEY, log_path=str(tmp_path / "server.log")) as server:
         url = server.url
         # --api-key: every route but /health needs the bearer token.
@@ -99,7 +100,8 @@ def test_api_key_skip_tokenizer_and_engine_death(model_dir, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_exit_leaves_no_engine(model_dir, sig, tmp_path):
-    server = ServerProcess(["--model-path", model_dir, "--log-level", "warning"],
+    server = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                            "--model-path", model_dir, "--log-level", "warning"],
                            log_path=str(tmp_path / "server.log")).start()
     try:
         pid = engine_pid(server)
@@ -132,7 +134,8 @@ def test_exit_leaves_no_engine(model_dir, sig, tmp_path):
 
 
 def test_bad_model_path_exits_with_message(tmp_path):
-    server = ServerProcess(["--model-path", str(tmp_path / "missing")], log_path=str(tmp_path / "server.log"))
+    server = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                            "--model-path", str(tmp_path / "missing")], log_path=str(tmp_path / "server.log"))
     with pytest.raises(RuntimeError, match="not a local Hugging Face model directory"):
         server.start(timeout=120)
 
@@ -143,7 +146,8 @@ def test_engine_that_cannot_load_exits_1(model_dir, tmp_path):
     for f in os.listdir(model_dir):
         if not f.endswith(".safetensors"):
             (broken / f).write_bytes(open(os.path.join(model_dir, f), "rb").read())
-    server = ServerProcess(["--model-path", str(broken)], log_path=str(tmp_path / "server.log"))
+    server = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                            "--model-path", str(broken)], log_path=str(tmp_path / "server.log"))
     with pytest.raises(RuntimeError, match="exited with code 1"):
         server.start(timeout=120)
     assert "The engine failed" in server.log() and "safetensors" in server.log()

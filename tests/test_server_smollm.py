@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess(["--max-total-tokens", "30000", "--log-level", "warning"]).start(timeout=600)
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--max-total-tokens", "30000", "--log-level", "warning"]).start(timeout=600)
     yield proc
     assert proc.stop() == 0, proc.log()
 

@@ -23,7 +23,7 @@ from sync.specs import TensorSpecs
 
 
 def _runner(path: str) -> ModelRunner:
-    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512), progress=False)
+    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512, device="cpu", dtype="float32"), progress=False)
 
 
 def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:

@@ -175,7 +175,8 @@ def _model(path: str):
     from runtime.model_runner import ModelRunner
     from runtime.server_args import ServerArgs
 
-    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512), progress=False).model
+    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512,
+                                  device="cpu", dtype="float32"), progress=False).model
 
 
 def _collect(results, n: int) -> dict[str, Any]:

@@ -68,7 +68,8 @@ def test_payload_applies_to_a_model(tiny_model_dir) -> None:
     from runtime.server_args import ServerArgs
     from sync import apply_named_tensors, model_checksums, named_checksums
 
-    model = ModelRunner(ServerArgs(model_path=tiny_model_dir("llama"), max_total_tokens=512),
+    model = ModelRunner(ServerArgs(model_path=tiny_model_dir("llama"), max_total_tokens=512,
+                                   device="cpu", dtype="float32"),
                         progress=False).model
     named = [(n, model.weight_target(n) * 1.5) for n in model.hf_weight_names()[:4]]
     report = apply_named_tensors(model, decode_named_tensors(encode_named_tensors(named)))

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), _skip]
 def test_example_short_run(tmp_path: Path, name: str, extra: list[str]) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", f"trainer_examples.{name}", "--steps", "2", "--out", str(out),
-                           *extra], capture_output=True, text=True, timeout=850)
+                           "--server-device", "cpu", *extra], capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in logs] == [1, 2]

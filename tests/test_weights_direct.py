@@ -87,7 +87,8 @@ def hf_order(ckpt) -> list[str]:
 
 
 def _engine(ckpt: str, mode: str) -> Engine:
-    return Engine(ckpt, skip_tokenizer_init=True, max_total_tokens=2048, progress=False, weight_update_receive=mode)
+    return Engine(ckpt, skip_tokenizer_init=True, max_total_tokens=2048, progress=False, weight_update_receive=mode,
+                  device="cpu", dtype="float32")
 
 
 def _greedy(eng: Engine) -> list[int]:

@@ -51,8 +51,9 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def servers(paths):
-    procs = {"bert": ServerProcess(["--model-path", paths["bert_a"], "--skip-tokenizer-init"]),
-             "ce": ServerProcess(["--model-path", paths["ce_a"]])}
+    procs = {"bert": ServerProcess(["--device", "cpu", "--dtype", "float32",
+                                    "--model-path", paths["bert_a"], "--skip-tokenizer-init"]),
+             "ce": ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", paths["ce_a"]])}
     for p in procs.values():  # both load at once
         p.args += ["--is-embedding", "--log-level", "warning", "--weight-version", "a"]
         p._log = open(p.log_path, "wb")

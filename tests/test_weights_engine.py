@@ -24,7 +24,8 @@ PROMPT = [5, 17, 99, 42, 7, 200, 31, 64, 128, 3, 11, 12]
 
 @pytest.fixture(scope="module")
 def eng(checkpoints):
-    e = Engine(checkpoints["a"], skip_tokenizer_init=True, max_total_tokens=4096, progress=False)
+    e = Engine(checkpoints["a"], skip_tokenizer_init=True, max_total_tokens=4096, progress=False,
+               device="cpu", dtype="float32")
     yield e
     e.shutdown()
 

@@ -84,7 +84,7 @@ def client(eng: Engine, k: int, mode: str, order: dict[str, int], stop: threadin
 @pytest.fixture(scope="module")
 def eng(tiny_model_dir):
     e = Engine(tiny_model_dir("llama"), skip_tokenizer_init=True, max_total_tokens=16384, progress=False,
-               max_running_requests=256)
+               max_running_requests=256, device="cpu", dtype="float32")
     yield e
     e.shutdown()
 

@@ -33,7 +33,8 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(paths):
-    proc = ServerProcess(["--model-path", paths["a"], "--is-embedding", "--max-total-tokens", "8192",
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
+                          "--model-path", paths["a"], "--is-embedding", "--max-total-tokens", "8192",
                           "--log-level", "warning", "--weight-version", "a"]).start(timeout=300)
     yield proc
     assert proc.stop() == 0, proc.log()

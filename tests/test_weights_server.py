@@ -39,7 +39,8 @@ CHECK_NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.dow
 @pytest.fixture(scope="module")
 def servers(checkpoints):
     # The first receives broadcasts straight into its weights (the default), the second buffers them.
-    procs = [ServerProcess(["--model-path", checkpoints["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
+    procs = [ServerProcess(["--device", "cpu", "--dtype", "float32",
+                            "--model-path", checkpoints["a"], "--skip-tokenizer-init", "--max-total-tokens", "4096",
                             "--log-level", "warning", "--weight-version", "v0", "--weight-update-receive", mode])
              for mode in RECEIVE_MODES]
     for p in procs:

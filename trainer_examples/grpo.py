@@ -48,6 +48,8 @@ def argument_parser(module: str, doc: str | None, default_out: str) -> argparse.
     p.add_argument("--trainer-threads", type=int, default=2,
                    help="the server idles while the trainer steps (rollouts are synchronous), so both cores")
     p.add_argument("--server-threads", type=int, default=1)
+    p.add_argument("--server-device", default=None,
+                   help="device of the servers the example starts (default: theirs, cuda if present, else cpu)")
     p.add_argument("--model-path", default=None, help="policy (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default=default_out, help="folder for the log (JSONL) and the reward curve (PNG)")
     p.add_argument("--verify", action="store_true", help="read weights back from the servers after each push")

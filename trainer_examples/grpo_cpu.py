@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", default=None, help="use this running server instead of starting one")
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(rollout.launch_server(args.model_path, num_threads=args.server_threads)).url
+        url = args.url or stack.enter_context(rollout.launch_server(
+            args.model_path, num_threads=args.server_threads, device=args.server_device)).url
         client = stack.enter_context(rollout.RolloutClient([url]))
         grpo.run(args, client, lambda: BroadcastSync(client, verify=args.verify), "GRPO, broadcast every step")
 

@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     base = args.model_path or default_model_path()
     rm_path = make_reward_model(base, os.path.join(args.out, "reward_model"))
     with contextlib.ExitStack() as stack:
-        policy = rollout.LocalServer(base, num_threads=args.server_threads).spawn()
+        policy = rollout.LocalServer(base, num_threads=args.server_threads, device=args.server_device).spawn()
         stack.callback(policy.stop)
-        rm = rollout.LocalServer(rm_path, is_embedding=True, num_threads=args.server_threads).spawn()
+        rm = rollout.LocalServer(rm_path, is_embedding=True, num_threads=args.server_threads,
+                                  device=args.server_device).spawn()
         stack.callback(rm.stop)
         policy.wait_until_ready()
         rm.wait_until_ready()

@@ -7,7 +7,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from kernels.rmsnorm import rms_norm
+from kernels.rmsnorm import add_rms_norm, rms_norm
+from kernels.rotary import RotaryInputs, prepare_rotary
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +19,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one kernel on a GPU."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -51,5 +56,5 @@ class RotaryTable(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryInputs:
+        return prepare_rotary(positions, self.cos, self.sin, dtype)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from kernels.rotary import apply_rotary
+from kernels.rotary import RotaryInputs, apply_rotary
 from runtime.attention.base import AttentionBackend
 from runtime.forward_batch import ForwardBatch
 from runtime.models.layers import RMSNorm, RotaryTable
@@ -57,7 +57,7 @@ class DecoderAttention(nn.Module):
         return {"q": slice(0, self.q_size), "k": slice(self.q_size, self.q_size + self.kv_size),
                 "v": slice(self.q_size + self.kv_size, self.q_size + 2 * self.kv_size)}[shard]
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+    def forward(self, h: torch.Tensor, rope: RotaryInputs, batch: ForwardBatch,
                 backend: AttentionBackend) -> torch.Tensor:
         t = h.shape[0]
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -66,7 +66,7 @@ class DecoderAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, k, rope)
         o = backend.forward(q, k, v, self.layer_id, batch, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -97,9 +97,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, batch, backend):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, batch: ForwardBatch,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the next layer (or the final norm)
+        adds the two, fused with its norm. residual None: h is the embedding, the stream's start."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(h, residual)
+        x = self.self_attn(x, rope, batch, backend)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -115,10 +123,11 @@ class DecoderModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         h = self.embed_tokens(batch.input_ids)
-        cos, sin = self.rotary(batch.positions, h.dtype)
+        rope = self.rotary(batch.positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, batch, backend)
-        return self.norm(h)
+            h, residual = layer(h, residual, rope, batch, backend)
+        return self.norm(h) if residual is None else self.norm.add_and_norm(h, residual)[0]
 
 
 def sliding_window_of_layer(config: PretrainedConfig, layer_id: int) -> int | None:

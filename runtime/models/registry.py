@@ -37,8 +37,11 @@ def _import_families() -> None:
     import runtime.models.decoder_embedding  # noqa: F401
     import runtime.models.llama  # noqa: F401
     import runtime.models.mistral  # noqa: F401
+    import runtime.models.mixtral  # noqa: F401
     import runtime.models.qwen2  # noqa: F401
+    import runtime.models.qwen2_moe  # noqa: F401
     import runtime.models.qwen3  # noqa: F401
+    import runtime.models.qwen3_moe  # noqa: F401
     import runtime.models.sequence_classification  # noqa: F401
 
 

@@ -92,16 +92,20 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, bias: "ProjectionBias", qk_norm: bool,
-                 sliding_window: int | None):
+                 sliding_window: int | None, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = DecoderAttention(config, layer_id, bias, qk_norm, sliding_window)
-        self.mlp = DecoderMLP(config)
+        self.mlp = mlp if mlp is not None else DecoderMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def run_mlp(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The MLP on the normed stream; MoE layers override it to record their routing in the batch."""
+        return self.mlp(x)
+
     def forward(self, h, cos, sin, batch, backend):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.run_mlp(self.post_attention_layernorm(h), batch)
 
 
 class DecoderModel(nn.Module):

@@ -18,28 +18,25 @@ from transformers import PretrainedConfig
 
 from runtime.forward_batch import ForwardBatch
 from runtime.models.layers import RMSNorm, RotaryTable
-from runtime.models.llama import (DecoderAttention, DecoderMLP, DecoderModel, LlamaForCausalLM, ProjectionBias,
+from runtime.models.llama import (DecoderLayer, DecoderMLP, DecoderModel, LlamaForCausalLM, ProjectionBias,
                                   sliding_window_of_layer)
 from runtime.models.moe import MoeSpec, SparseMoeBlock
 
 _EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
 
 
-class MoeDecoderLayer(nn.Module):
+class MoeDecoderLayer(DecoderLayer):
+    """A decoder layer whose MLP is a sparse MoE block (or dense, where the config keeps the layer dense)."""
+
     def __init__(self, config: PretrainedConfig, layer_id: int, bias: ProjectionBias, qk_norm: bool,
                  spec: MoeSpec | None):
-        super().__init__()
-        self.self_attn = DecoderAttention(config, layer_id, bias, qk_norm, sliding_window_of_layer(config, layer_id))
-        self.mlp = SparseMoeBlock(config, spec, layer_id) if spec is not None else DecoderMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        mlp = SparseMoeBlock(config, spec, layer_id) if spec is not None else DecoderMLP(config)
+        super().__init__(config, layer_id, bias, qk_norm, sliding_window_of_layer(config, layer_id), mlp)
 
-    def forward(self, h, cos, sin, batch: ForwardBatch, backend):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, backend)
-        x = self.post_attention_layernorm(h)
+    def run_mlp(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if isinstance(self.mlp, SparseMoeBlock):
-            return h + self.mlp(x, batch.routing)
-        return h + self.mlp(x)
+            return self.mlp(x, batch.routing)
+        return self.mlp(x)
 
 
 class MoeDecoderModel(DecoderModel):

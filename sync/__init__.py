@@ -10,7 +10,6 @@
 - `encode_named_tensors` / `decode_named_tensors`: the safetensors (never pickle) tensor payload.
 - `flatten_parameters`: lay a (trainer's) model's parameters back to back so buckets go out with no copy.
 - `tensor_checksum`, `model_checksums`, `update_digest`: verification.
-- `replay_routing` (trainer): make a transformers MoE model route by the rollout's expert ids (routing replay).
 Errors: `WeightUpdateError` (refused, model untouched), `PartialUpdateError` (model inconsistent),
 `GroupJoinError`, `BroadcastError`.
 """
@@ -25,7 +24,6 @@ from sync.named_tensors import apply_named_tensors
 from sync.process_group import destroy_process_group, init_custom_process_group, tcp_init_method
 from sync.receiver import receive_buckets, receive_tensors
 from sync.report import UpdateReport
-from sync.routing_replay import moe_routers, replay_routing
 from sync.safetensors_payload import decode_named_tensors, encode_named_tensors
 from sync.sender import WeightSender
 from sync.server_group import ServerGroup, WeightPushError
@@ -40,7 +38,7 @@ __all__ = [
     "apply_in_place_with_backup", "apply_named_tensors", "check_specs", "checkpoint_specs",
     "decode_named_tensors", "destroy_process_group", "digest_of", "encode_named_tensors", "flatten_bucket",
     "flatten_parameters",
-    "init_custom_process_group", "iterate_checkpoint", "layout_bucket", "model_checksums", "moe_routers",
-    "named_checksums", "plan_buckets", "replay_routing", "receive_buckets", "receive_tensors", "tcp_init_method", "tensor_checksum",
+    "init_custom_process_group", "iterate_checkpoint", "layout_bucket", "model_checksums", "named_checksums",
+    "plan_buckets", "receive_buckets", "receive_tensors", "tcp_init_method", "tensor_checksum",
     "unflatten_bucket", "update_digest", "update_weights_from_disk", "validate_checkpoint",
 ]

@@ -193,3 +193,32 @@ def test_broadcast_of_experts(case, tmp_path):
     finally:
         trainer.close()
     assert eng.update_weights_from_disk(ckpts["a"])[0]
+
+
+def test_checkpoint_of_stacked_expert_tensors(case, tmp_path):
+    """A checkpoint written from a transformers (v5) state dict names each layer's experts as two stacked
+    tensors: it loads at startup and as a disk update, and one missing stacked tensor is refused."""
+    family, ckpts, eng = case
+    hf_b = AutoModelForCausalLM.from_pretrained(ckpts["b"], dtype=torch.float32).eval()
+    state = {n: t.contiguous() for n, t in hf_b.state_dict().items()}
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in state)
+    stacked = tmp_path / "stacked"
+    stacked.mkdir()
+    shutil.copy(Path(ckpts["b"]) / "config.json", stacked / "config.json")
+    save_file(state, str(stacked / "model.safetensors"))
+    want = _hf_greedy(hf_b)
+    with Engine(str(stacked), skip_tokenizer_init=True, max_total_tokens=256, progress=False) as fresh:
+        assert _greedy(fresh) == want
+    ok, msg = eng.update_weights_from_disk(str(stacked), weight_version="stacked")
+    assert ok, msg
+    assert _greedy(eng) == want
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    shutil.copy(Path(ckpts["b"]) / "config.json", lacking / "config.json")
+    dropped = next(n for n in state if n.endswith("experts.down_proj"))
+    save_file({n: t for n, t in state.items() if n != dropped}, str(lacking / "model.safetensors"))
+    ok, msg = eng.update_weights_from_disk(str(lacking))
+    layer = dropped.split(".")[2]
+    assert not ok and "lacks 8 weights" in msg and f"model.layers.{layer}." in msg and ".experts.0." in msg, msg
+    assert eng.weight_version == "stacked" and _greedy(eng) == want
+    assert eng.update_weights_from_disk(ckpts["a"])[0]

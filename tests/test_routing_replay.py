@@ -3,7 +3,7 @@
 Oracles are transformers' own routers on the same weights:
 - the capture of a prefill and of paged decode steps equals the top-k of transformers' router logits,
   layer by layer (dense layers record nothing);
-- `sync.replay_routing` replaying a model's own choices changes nothing, bit for bit;
+- `sync.routing_replay.replay_routing` replaying a model's own choices changes nothing, bit for bit;
 - the RL case: a trainer whose router weights differ slightly from the rollout engine's chooses other
   experts on some tokens; replaying the rollout's choices makes its logprobs those of the rollout.
 """

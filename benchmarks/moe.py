@@ -77,8 +77,6 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         run_transformers(model, warm, 1, 4, 0.0, 0)
         results.append(run_transformers(model, prompts, args.n, args.new_tokens, 1.0, 0))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     for r in results:
         r.workload = name
 

@@ -61,6 +61,7 @@ def run_transformers(model: torch.nn.Module, prompts: list[list[int]], n: int, n
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     sampling = temperature > 0
     kwargs = dict(do_sample=sampling, temperature=temperature, top_k=0, top_p=1.0) if sampling else dict(do_sample=False)
     start = time.perf_counter()

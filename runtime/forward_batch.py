@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from runtime.routing_capture import RoutingCapture
+
 
 @dataclass
 class ForwardBatch:
@@ -25,6 +27,7 @@ class ForwardBatch:
     num_extend: int              # requests [0, num_extend) are prefill chunks, the rest decode
     logits_indices: torch.Tensor  # [R] rows of the flat token axis whose logits are wanted
     attn_metadata: Any = field(default=None)  # built by the attention backend once per step
+    routing: RoutingCapture | None = None  # set to record the experts MoE layers choose this step
 
     @property
     def batch_size(self) -> int:

@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from sync.targets import missing_weights
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,7 +45,6 @@ def copy_into_target(target: torch.Tensor | None, hf_name: str, tensor: torch.Te
 
 def load_model_weights(model: torch.nn.Module, model_path: str | Path, progress: bool = True) -> None:
     """Copy every checkpoint tensor into the model in place; every model weight must be covered."""
-    expected = set(model.hf_weight_names())
     loaded: set[str] = set()
     for name, tensor in iterate_weights(model_path, progress):
         try:
@@ -52,6 +53,6 @@ def load_model_weights(model: torch.nn.Module, model_path: str | Path, progress:
             logger.warning("Checkpoint tensor %s has no place in the model; skipped.", name)
             continue
         loaded.add(name)
-    missing = expected - loaded
+    missing = missing_weights(model, sorted(loaded))
     if missing:
         raise ValueError(f"Checkpoint {model_path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}.")

@@ -20,7 +20,7 @@ from sync.checksum import tensor_checksum, update_digest
 from sync.errors import CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
 from sync.report import UpdateReport
 from sync.specs import TensorSpecs, dtype_name, parse_dtype
-from sync.targets import resolve_target
+from sync.targets import missing_weights, resolve_target
 from sync.transaction import Transaction
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def validate_checkpoint(model: torch.nn.Module, model_path: str | Path, *,
                 continue
         if resolve_target(model, name, shape, parse_dtype(dtype)) is not None:
             apply.append(name)
-    missing = [n for n in model.hf_weight_names() if n not in seen]
+    missing = missing_weights(model, list(seen))
     if missing:
         raise WeightUpdateError(f"Checkpoint {model_path} lacks {len(missing)} weights of the model, "
                                 f"e.g. {missing[:5]}.")

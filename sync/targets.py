@@ -7,6 +7,7 @@ not know. Each check raises `WeightUpdateError` naming the tensor and what was e
 
 from __future__ import annotations
 
+import bisect
 from typing import Sequence
 
 import torch
@@ -48,3 +49,48 @@ def check_specs(model: torch.nn.Module, specs: TensorSpecs) -> list[torch.Tensor
             raise WeightUpdateError(f"Dtype of {name}: {e}") from None
         targets.append(resolve_target(model, name, shape, torch_dtype))
     return targets
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int, int]:
+    start = t.storage_offset() * t.element_size()
+    return t.untyped_storage().data_ptr(), start, start + t.nbytes
+
+
+def missing_weights(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """The model's weights (`hf_weight_names`) that tensors named `names` would not write.
+
+    Compared by the memory the names fill, not by name alone, so a checkpoint may name a fused tensor that
+    holds several of the model's weights: a transformers (v5) state dict's stacked `mlp.experts.gate_up_proj`
+    covers each expert's `experts.{e}.gate_proj.weight` and `up_proj.weight`.
+    """
+    given = set(names)
+    spans: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges the given names write
+    for name in given:
+        try:
+            target = model.weight_target(name)
+        except KeyError:
+            continue
+        if target is not None and target.is_contiguous():
+            storage, start, end = _byte_range(target)
+            spans.setdefault(storage, []).append((start, end))
+    merged: dict[int, tuple[list[int], list[int]]] = {}  # storage -> (starts, ends) of disjoint sorted ranges
+    for storage, ranges in spans.items():
+        starts, ends = [], []
+        for a, b in sorted(ranges):
+            if starts and a <= ends[-1]:
+                ends[-1] = max(ends[-1], b)
+            else:
+                starts.append(a)
+                ends.append(b)
+        merged[storage] = (starts, ends)
+    missing = []
+    for name in model.hf_weight_names():
+        target = None if name in given else model.weight_target(name)
+        if target is None:
+            continue
+        storage, start, end = _byte_range(target)
+        starts, ends = merged.get(storage, ([], []))
+        i = bisect.bisect_right(starts, start) - 1
+        if not (target.is_contiguous() and i >= 0 and end <= ends[i]):
+            missing.append(name)
+    return missing

@@ -1,7 +1,8 @@
 """A trainer process for in-process Engine broadcast tests: `spawn` `run`, then send it pushes on a queue.
 
-Each push is {"scale", "seed", "order", "load_format", "bucket_bytes", "die_after"}: the seeded perturbation
-of the checkpoint (weight_trainer.perturbed, which the test recomputes with `named_in_order`), sent in
+Each push is {"scale", "seed", "order", "load_format", "bucket_bytes", "die_after"} and optionally "source":
+the seeded perturbation of the checkpoint (weight_trainer.perturbed, or with "source": "transformers" of a
+transformers model's parameters; the test recomputes it with `named_in_order`), sent in
 `order` as buckets (load_format "flattened_bucket") or one broadcast per tensor (None). With "die_after": k
 it SIGKILLs itself just before its (k+1)-th broadcast, leaving the receiver waiting for data.
 """
@@ -13,10 +14,14 @@ import torch
 GROUP_TIMEOUT = 30
 
 
-def named_in_order(ckpt: str, scale: float, seed: int, order: list[str]) -> list[tuple[str, torch.Tensor]]:
-    from weight_trainer import perturbed
+def named_in_order(ckpt: str, scale: float, seed: int, order: list[str],
+                   source: str = "checkpoint") -> list[tuple[str, torch.Tensor]]:
+    """source "checkpoint": the checkpoint's tensors by their names on disk; "transformers": a transformers
+    model's parameters by their in-memory names."""
+    from weight_trainer import perturbed, perturbed_transformers
 
-    tensors = dict(perturbed(ckpt, scale, seed))
+    make = perturbed if source == "checkpoint" else perturbed_transformers
+    tensors = dict(make(ckpt, scale, seed))
     return [(n, tensors[n]) for n in order]
 
 
@@ -30,7 +35,7 @@ def run(port: int, group_name: str, ckpt: str, pushes, replies) -> None:
     while (push := pushes.get()) is not None:
         if push.get("die_after") is not None:
             _die_before_broadcast(push["die_after"])
-        named = named_in_order(ckpt, push["scale"], push["seed"], push["order"])
+        named = named_in_order(ckpt, push["scale"], push["seed"], push["order"], push.get("source", "checkpoint"))
         sender = WeightSender(group, bucket_bytes=push["bucket_bytes"])
         if push["load_format"] == "flattened_bucket":
             sender.send_buckets(named)

@@ -7,7 +7,8 @@ The same arguments give the same directory for the whole session, so building it
     def test_something(tiny_model_dir):
         path = tiny_model_dir("qwen3", num_hidden_layers=1)
 
-`family` is one of TINY_FAMILIES ("llama", "qwen2", "qwen3", "mistral"); keyword arguments override the
+`family` is one of TINY_FAMILIES ("llama", "qwen2", "qwen3", "mistral", and the MoE families "qwen3_moe",
+"qwen2_moe", "mixtral"); keyword arguments override the
 config (anything the family's config class takes, e.g. tie_word_embeddings=True, rope_parameters=...).
 Two keyword-only knobs are not config fields: `seed` (default 0) and `init_std` (default 0.15). Weights
 are drawn from N(0, init_std) and norm weights from 1 + N(0, init_std), instead of transformers' tiny
@@ -45,6 +46,12 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {}),                 # q/k/v always carry a bias
     "qwen3": ("Qwen3Config", {"head_dim": 32}),   # q/k norm; head_dim != hidden / heads on purpose
     "mistral": ("MistralConfig", {}),
+    # Mixture-of-experts families: 8 small experts, top-2 (Qwen3-MoE renormalizes only if norm_topk_prob).
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32}),
 }
 
 

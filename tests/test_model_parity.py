@@ -8,7 +8,8 @@ Three levels, each against transformers' own forward pass in fp32 on the CPU:
   transformers' log_softmax over the same full sequence (logprob_start_len 0 and > 0, top-k at temperature 0).
 
 Tiny random models cover every family (Llama GQA untied / tied, with biases, linear and llama3 rope
-scaling; Qwen2 qkv bias; Qwen3 q/k norm; Mistral sliding window); the real SmolLM2 runs as @slow.
+scaling; Qwen2 qkv bias; Qwen3 q/k norm; Mistral sliding window; the MoE families Qwen3-MoE, Qwen2-MoE
+and Mixtral); the real SmolLM2 runs as @slow.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3": ("qwen3", {}),
     # A window shorter than the prompts below, so the sliding mask matters in prefill and decode.
     "mistral-sliding": ("mistral", {"sliding_window": 16}),
+    # Mixture of experts: 8 experts, top-2. Qwen3-MoE without and with top-k renormalization (the latter
+    # with a dense first layer, mlp_only_layers); Qwen2-MoE with its gated shared expert and a dense layer
+    # off the decoder_sparse_step grid; Mixtral.
+    "qwen3-moe": ("qwen3_moe", {}),
+    "qwen3-moe-norm-dense": ("qwen3_moe", {"norm_topk_prob": True, "mlp_only_layers": [0]}),
+    "qwen2-moe": ("qwen2_moe", {"decoder_sparse_step": 2, "num_hidden_layers": 3}),
+    "mixtral": ("mixtral", {}),
 }
 
 

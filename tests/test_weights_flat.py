@@ -22,7 +22,11 @@ from sync.specs import TensorSpecs
 
 CASES = {"llama-untied": ("llama", {}), "llama-tied": ("llama", {"tie_word_embeddings": True}),
          "llama-bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
-         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "qwen3-tied": ("qwen3", {"tie_word_embeddings": True})}
+         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "qwen3-tied": ("qwen3", {"tie_word_embeddings": True}),
+         # MoE: a transformers trainer sends each layer's experts as two stacked tensors (mlp.experts.gate_up_proj,
+         # mlp.experts.down_proj), which are our parameters as they are.
+         "qwen3-moe": ("qwen3_moe", {"mlp_only_layers": [0]}), "qwen2-moe": ("qwen2_moe", {}),
+         "mixtral": ("mixtral", {})}
 FUSED_BIASES = tuple(f"{p}_proj.bias" for p in ("q", "k", "v", "gate", "up"))
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 1, 2]
 

@@ -27,6 +27,16 @@ def perturbed(ckpt: str, scale: float, seed: int) -> list[tuple[str, torch.Tenso
     return [(n, t + scale * torch.randn(t.shape, generator=gen)) for n, t in iterate_checkpoint(ckpt)]
 
 
+def perturbed_transformers(ckpt: str, scale: float, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """The same kind of perturbation of a transformers model's own `named_parameters()` (its in-memory names:
+    for MoE models in transformers v5, each layer's experts as two stacked tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    return [(n, p.detach() + scale * torch.randn(p.shape, generator=gen)) for n, p in model.named_parameters()]
+
+
 def hf_greedy(model_dir: str, prompt: list[int], n: int, named: list | None = None) -> list[int]:
     """transformers' greedy continuation, on the checkpoint or on `named` tensors loaded over it (for tests)."""
     from transformers import AutoModelForCausalLM

@@ -72,12 +72,13 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        # MoE families size their dense layers and shared expert apart from config.intermediate_size.
+        self.intermediate_size = intermediate_size or config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACT2FN[config.hidden_act]
 
     def shard_rows(self, shard: int) -> slice:
@@ -90,12 +91,16 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, bias: "ProjectionBias", qk_norm: bool,
-                 sliding_window: int | None):
+                 sliding_window: int | None, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = DecoderAttention(config, layer_id, bias, qk_norm, sliding_window)
-        self.mlp = DecoderMLP(config)
+        self.mlp = mlp if mlp is not None else DecoderMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def run_mlp(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The MLP on the normed stream; MoE layers override it to record their routing in the batch."""
+        return self.mlp(x)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, batch: ForwardBatch,
                 backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +112,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm.add_and_norm(h, residual)
         x = self.self_attn(x, rope, batch, backend)
         x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
-        return self.mlp(x), residual
+        return self.run_mlp(x, batch), residual
 
 
 class DecoderModel(nn.Module):
@@ -193,14 +198,14 @@ class LlamaForCausalLM(nn.Module):
 
     def hf_weight_names(self) -> list[str]:
         """Every HF name this model loads, in parameter order."""
-        names = []
-        for name in self._params:
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            fused = [(part, shard) for f, part, shard in STACKED_PARAMS if f".{f}." in name]
-            if fused:
-                f = next(f for f, _, _ in STACKED_PARAMS if f".{f}." in name)
-                names.extend(name.replace(f".{f}.", f".{part}.") for part, _ in fused)
-            else:
-                names.append(name)
-        return names
+        return [hf for name in self._params for hf in self.hf_names_of_param(name)]
+
+    def hf_names_of_param(self, name: str) -> list[str]:
+        """The HF names whose tensors make up our parameter `name` (several for a fused one)."""
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return []
+        fused = [part for f, part, _ in STACKED_PARAMS if f".{f}." in name]
+        if fused:
+            f = next(f for f, _, _ in STACKED_PARAMS if f".{f}." in name)
+            return [name.replace(f".{f}.", f".{part}.") for part in fused]
+        return [name]

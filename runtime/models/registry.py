@@ -17,6 +17,9 @@ GENERATION_MODELS: dict[str, str] = {
     "MistralForCausalLM": "runtime.models.mistral:MistralForCausalLM",
     "Qwen2ForCausalLM": "runtime.models.qwen2:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "runtime.models.qwen3:Qwen3ForCausalLM",
+    "Qwen2MoeForCausalLM": "runtime.models.qwen2_moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "runtime.models.qwen3_moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "runtime.models.mixtral:MixtralForCausalLM",
 }
 
 SCORING_MODELS: dict[str, str] = {

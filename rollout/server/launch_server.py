@@ -60,9 +60,9 @@ class _Server(uvicorn.Server):
     """uvicorn, plus the ready line once both the socket and the engine are up, and signal handling
     that stops gracefully without re-raising the signal afterwards (so we can stop the engine)."""
 
-    def __init__(self, config: uvicorn.Config, tm: Any):
+    def __init__(self, config: uvicorn.Config, engine_client: Any):
         super().__init__(config)
-        self.tm = tm
+        self.engine_client = engine_client
         self.exit_code = 0
 
     async def startup(self, sockets: Any = None) -> None:
@@ -73,18 +73,19 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: Any = None) -> None:
         # In-flight requests end now, answered with their partial output (finish_reason abort),
         # rather than holding the graceful shutdown until they finish.
-        if self.tm.info is not None and self.tm.dead_reason is None and self.tm.num_in_flight:
-            logger.info("Shutting down: aborting %d in-flight requests.", self.tm.num_in_flight)
-            self.tm.abort("", abort_all=True, message="Aborted: the server is shutting down.")
+        client = self.engine_client
+        if client.info is not None and client.dead_reason is None and client.num_in_flight:
+            logger.info("Shutting down: aborting %d in-flight requests.", client.num_in_flight)
+            client.abort("", abort_all=True, message="Aborted: the server is shutting down.")
         await super().shutdown(sockets)
 
     async def _announce(self) -> None:
-        while self.tm.ready is None:
+        while self.engine_client.ready is None:
             await asyncio.sleep(0.01)
-        await self.tm.ready.wait()
-        info = self.tm.info
+        await self.engine_client.ready.wait()
+        info = self.engine_client.info
         logger.info("The server is fired up and ready to roll! http://%s:%d (model %s on %s, %s; KV pool %d "
-                    "tokens, context %d)", self.config.host, self.config.port, self.tm.args.model_path,
+                    "tokens, context %d)", self.config.host, self.config.port, self.engine_client.args.model_path,
                     info.device, info.dtype, info.max_total_num_tokens, info.context_len)
 
     @contextlib.contextmanager
@@ -102,7 +103,7 @@ class _Server(uvicorn.Server):
 
 def launch_server(args: ServerArgs) -> int:
     """Run until SIGINT/SIGTERM (0), or until the engine fails to start (1)."""
-    from rollout.engine_process import EngineProcess
+    from rollout.server.engine_process import EngineProcess
 
     if args.model_path is None:
         from runtime.default_model import default_model_path
@@ -120,32 +121,32 @@ def launch_server(args: ServerArgs) -> int:
     engine = EngineProcess(args)
     engine.start()
     try:
-        from rollout.http_server import create_app
-        from rollout.tokenizer_manager import TokenizerManager
+        from rollout.server.http_server import create_app
+        from rollout.server.engine_client import EngineClient
 
-        tm = TokenizerManager(args)
+        engine_client = EngineClient(args)
     except BaseException:
         engine.stop()
         raise
-    app = create_app(tm, engine)
+    app = create_app(engine_client, engine)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=5, lifespan="on", loop="asyncio",
                             timeout_keep_alive=30)
-    server = _Server(config, tm)
+    server = _Server(config, engine_client)
 
     def fatal() -> None:
         server.exit_code = 1
         server.should_exit = True
 
-    tm.on_fatal = fatal
+    engine_client.on_fatal = fatal
     try:
         server.run()
     finally:
         engine.stop()
     if not server.started and server.exit_code == 0:
         return 1  # uvicorn could not start (e.g. the port is taken); it logged why
-    if tm.dead_reason and server.exit_code:
-        logger.error("Exiting: %s", tm.dead_reason.splitlines()[0])
+    if engine_client.dead_reason and server.exit_code:
+        logger.error("Exiting: %s", engine_client.dead_reason.splitlines()[0])
     return server.exit_code
 
 
@@ -155,20 +156,3 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(launch_server(args))
 
-
-if __name__ == "__main__":
-    main()
-
-
-class _CallableModule(type(sys)):
-    """`rollout.launch_server` is both this CLI module and, called, the Python launcher
-    (rollout.local_server.launch_server): importing a submodule rebinds the package attribute of the same
-    name, so a plain function exported by rollout/__init__ would be shadowed once the CLI was imported."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from rollout.local_server import launch_server as _launch
-
-        return _launch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

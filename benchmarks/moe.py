@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from runtime.bench import make_prompts, run_ours, run_transformers
+from benchmarks.generation import make_prompts, run_ours, run_transformers
 from runtime.engine import Engine
 
 SMOLLM2_SIZED_MOE = dict(

@@ -182,7 +182,7 @@ class UpdateWeightsFromTensorReq(msgspec.Struct, tag=True, kw_only=True):
 
 class UpdateWeightsFromLocalTensorsReq(msgspec.Struct, tag=True, kw_only=True):
     """In-process only (runtime.Engine): the caller's tensors themselves, copied once, in place. Never
-    encoded, so it is not part of the ZeroMQ wire format (rollout/ipc.py)."""
+    encoded, so it is not part of the ZeroMQ wire format (rollout/server/ipc.py)."""
 
     id: int
     named_tensors: list  # list[tuple[str, torch.Tensor]]

@@ -21,7 +21,7 @@ from runtime.messages import InitWeightsUpdateGroupReq, UpdateWeightsFromDistrib
 from sync.disk import update_weights_from_disk
 from sync.errors import BroadcastError, PartialUpdateError, WeightUpdateError
 from sync.named_tensors import apply_named_tensors
-from sync.process_group import destroy_process_group, init_custom_process_group, tcp_init_method
+from sync.process_group import destroy_process_group, group_store, init_custom_process_group, tcp_init_method
 from sync.model_receiver import ModelReceiver
 from sync.report import UpdateReport
 from sync.safetensors_payload import decode_named_tensors
@@ -151,12 +151,10 @@ class WeightUpdater:
 
     def dead_groups(self) -> list[str]:
         """Groups whose trainer is gone: its store (hosted in the trainer's process) no longer answers."""
-        from torch.distributed import distributed_c10d as c10d
-
         dead = []
         for name, g in self.groups.items():
             try:
-                c10d._world.pg_map[g.group][1].check(["liveness"])
+                group_store(g.group).check(["liveness"])
             except Exception:
                 dead.append(name)
         return dead

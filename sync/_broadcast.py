@@ -15,9 +15,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 
 from sync.errors import BroadcastError
+from sync.process_group import group_store
 
 STORE_CHECK_EVERY = 0.5  # seconds between liveness checks of the trainer's store while waiting
 
@@ -59,7 +59,7 @@ def broadcast(tensor: torch.Tensor, group: dist.ProcessGroup, src: int, what: st
 
 
 def _wait_watching_store(work: dist.Work, group: dist.ProcessGroup, what: str) -> None:
-    store = c10d._world.pg_map[group][1]  # the group's (prefixed) store, as torch registered it
+    store = group_store(group)
     # Woken by the work's completion callback, so a finished message costs no polling delay (a poll
     # that slept up to a few ms per bucket made a 24-bucket update ~1.7x a raw broadcast).
     done = threading.Event()

@@ -91,11 +91,6 @@ def flatten_bucket(named: Sequence[tuple[str, torch.Tensor]],
     return flat, meta
 
 
-def empty_bucket(meta: BucketMeta, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A fresh buffer for receiving the bucket `meta` describes."""
-    return torch.empty(meta.numel, dtype=parse_dtype(meta.buffer_dtype), device=device)
-
-
 def unflatten_bucket(flat: torch.Tensor, meta: BucketMeta) -> list[tuple[str, torch.Tensor]]:
     """(name, view into `flat`) for every tensor of the bucket; no copies."""
     if flat.dtype != parse_dtype(meta.buffer_dtype) or flat.dim() != 1 or flat.numel() != meta.numel:

@@ -21,7 +21,6 @@ from sync.errors import CheckpointNotFoundError, PartialUpdateError, WeightUpdat
 from sync.report import UpdateReport
 from sync.specs import TensorSpecs, dtype_name, parse_dtype
 from sync.targets import missing_weights, resolve_target
-from sync.transaction import Transaction
 
 logger = logging.getLogger(__name__)
 
@@ -94,23 +93,16 @@ def validate_checkpoint(model: torch.nn.Module, model_path: str | Path, *,
     return apply
 
 
-def update_weights_from_disk(model: torch.nn.Module, model_path: str | Path, *, backup: bool = False,
-                             digest: bool = True) -> UpdateReport:
+def update_weights_from_disk(model: torch.nn.Module, model_path: str | Path, *, digest: bool = True) -> UpdateReport:
     """Validate the checkpoint's headers, then copy it in place tensor by tensor.
 
     A missing path or a mismatch raises before any copy (`CheckpointNotFoundError`, `WeightUpdateError`).
-    Past validation only a broken file (truncated, unreadable) can fail; with backup=True the update is a
-    `Transaction` and rolls back (memory: a copy of the weights), otherwise that raises
-    `PartialUpdateError` and the caller must stop serving until the next good update.
+    Past validation only a broken file (truncated, unreadable) can fail; that raises `PartialUpdateError`
+    and the caller must stop serving until the next good update.
     """
     start = time.perf_counter()
     wanted = set(validate_checkpoint(model, model_path))
     stream = ((n, t) for n, t in iterate_checkpoint(model_path) if n in wanted)
-    if backup:
-        with Transaction(model, digest=digest) as tx:
-            tx.apply_all(stream)
-        assert tx.report is not None
-        return tx.report
     names: list[str] = []
     checksums: list[tuple[str, int]] = []
     num_bytes = 0

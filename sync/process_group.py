@@ -104,6 +104,16 @@ def _wait_for_listener(host: str, port: int, deadline: float) -> None:
             time.sleep(0.05)
 
 
+def group_store(group: dist.ProcessGroup) -> dist.Store:
+    """The group's store (prefixed by its name), which the trainer (rank 0) hosts in its own process: a
+    round trip to it (`store.check(["liveness"])`) fails once the trainer is gone."""
+    get_store = getattr(group, "get_group_store", None)
+    if get_store is not None:
+        return get_store()
+    # Older torch has no public accessor; _new_process_group_helper registered the store in this map.
+    return c10d._world.pg_map[group][1]
+
+
 def destroy_process_group(group: dist.ProcessGroup) -> None:
     """Shut the group down and forget it (its name can be used again); other groups are untouched.
 

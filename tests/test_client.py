@@ -14,10 +14,10 @@ import pytest
 import rollout
 from rollout import (AsyncRolloutClient, BadRequestError, ConnectionFailedError, RequestTimeoutError,
                      RetryPolicy, RolloutClient, ServerError, UnauthorizedError)
-from rollout.balancer import Balancer
-from rollout.local_server import LocalServer
-from rollout.server_connection import ServerConnection
-from rollout.testing import make_tiny_model_dir
+from rollout.client.balancer import Balancer
+from rollout.client.local_server import LocalServer
+from rollout.client.server_connection import ServerConnection
+from tests.helpers import make_tiny_model_dir
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from rollout import BadRequestError, RolloutClient
-from rollout.local_server import LocalServer
-from rollout.testing import make_tiny_model_dir
-from rollout.testing_scoring import make_reward_model_dir
+from rollout.client.local_server import LocalServer
+from tests.helpers import make_tiny_model_dir
+from tests.scoring_models import make_reward_model_dir
 
 pytestmark = pytest.mark.timeout(180)
 

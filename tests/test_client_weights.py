@@ -1,23 +1,16 @@
 """Weight updates through the client on two live tiny servers: from disk and by one broadcast to both,
-with verification, versions (per token too), and refused updates surfaced with the servers' messages.
-Needs the weight-update routes (branch `weights`)."""
+with verification, versions (per token too), and refused updates surfaced with the servers' messages."""
 
 from __future__ import annotations
 
 import pytest
 
-from pathlib import Path as _Path
-
-# The weight-update routes come with branch `weights`; until it is merged here there is nothing to test.
-_HAS_WEIGHT_ROUTES = (_Path(__file__).parents[1] / "rollout" / "weight_routes.py").is_file()
-
 from rollout import RolloutClient, WeightUpdateError
-from rollout.local_server import LocalServer
-from rollout.testing import make_tiny_model_dir
+from rollout.client.local_server import LocalServer
 from sync import iterate_checkpoint
+from tests.helpers import make_tiny_model_dir
 
-_skip = pytest.mark.skipif(not _HAS_WEIGHT_ROUTES, reason="needs the weight-update routes (branch weights)")
-pytestmark = [pytest.mark.timeout(180), _skip]
+pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")

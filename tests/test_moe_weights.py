@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from bucket_trainer import named_in_order, run
-from rollout.testing import free_port
+from tests.helpers import free_port
 from runtime.engine import Engine
 from sync import plan_buckets
 from weight_trainer import perturbed, perturbed_transformers

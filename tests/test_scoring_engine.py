@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
-from rollout.testing import make_tiny_model_dir
-from rollout.testing_scoring import make_reward_model_dir, make_tiny_cross_encoder_dir
+from tests.helpers import make_tiny_model_dir
+from tests.scoring_models import make_reward_model_dir, make_tiny_cross_encoder_dir
 from runtime.engine import Engine
 
 SEQS = [list(range(5, 45)), [30, 31, 32], list(range(5, 45)) + [50, 51], [7] * 70]

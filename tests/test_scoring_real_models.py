@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from rollout.testing import ServerProcess
-from rollout.testing_scoring import make_reward_model_dir, minilm_path
+from tests.helpers import ServerProcess
+from tests.scoring_models import make_reward_model_dir, minilm_path
 from runtime.default_model import default_model_path
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rollout.testing import ServerProcess, make_tiny_model_dir
-from rollout.testing_scoring import make_reward_model_dir, make_tiny_cross_encoder_dir
+from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.scoring_models import make_reward_model_dir, make_tiny_cross_encoder_dir
 
 CHATS = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
          "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n5, I think.<|im_end|>",

@@ -15,8 +15,8 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from rollout.http_server import FLUSH_OK_TEXT
-from rollout.testing import ServerProcess, make_tiny_model_dir
+from rollout.server.http_server import FLUSH_OK_TEXT
+from tests.helpers import ServerProcess, make_tiny_model_dir
 
 CONTEXT = 4096
 MODEL_INFO_KEYS = {"model_path", "tokenizer_path", "is_generation", "preferred_sampling_params", "weight_version",

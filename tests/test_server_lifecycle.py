@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from rollout.testing import ServerProcess, make_tiny_model_dir
+from tests.helpers import ServerProcess, make_tiny_model_dir
 
 KEY = "sekret-key"
 

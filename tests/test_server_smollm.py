@@ -8,7 +8,7 @@ import json
 import pytest
 import requests
 
-from rollout.testing import ServerProcess
+from tests.helpers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from runtime.forward_batch import ForwardBatch
 from runtime.model_runner import ModelRunner
 from runtime.server_args import ServerArgs
-from sync import (CheckpointNotFoundError, PartialUpdateError, Transaction, WeightUpdateError,
-                  apply_in_place_with_backup, apply_named_tensors, check_specs, checkpoint_specs, digest_of,
-                  iterate_checkpoint, model_checksums, update_weights_from_disk, validate_checkpoint)
+from sync import (CheckpointNotFoundError, PartialUpdateError, WeightUpdateError, apply_named_tensors, check_specs,
+                  checkpoint_specs, digest_of, iterate_checkpoint, model_checksums, update_weights_from_disk,
+                  validate_checkpoint)
 from sync.specs import TensorSpecs
 
 
@@ -69,15 +69,13 @@ def model(base_path):
 # --- apply_named_tensors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("validate_all_first", [True, False])
-def test_update_equals_fresh_model_from_that_checkpoint(base_path, other_path, validate_all_first) -> None:
+def test_update_equals_fresh_model_from_that_checkpoint(base_path, other_path) -> None:
     runner, fresh = _runner(base_path), _runner(other_path)
     ptrs = _data_ptrs(runner.model)
     before = _prefill_logits(runner, IDS)
     assert not torch.equal(before, _prefill_logits(fresh, IDS))
 
-    report = apply_named_tensors(runner.model, iterate_checkpoint(other_path),
-                                 validate_all_first=validate_all_first)
+    report = apply_named_tensors(runner.model, iterate_checkpoint(other_path))
 
     assert sorted(report.names) == sorted(runner.model.hf_weight_names())
     assert report.num_bytes == sum(p.nbytes for p in runner.model.parameters())
@@ -132,14 +130,13 @@ def _bad_cases(model) -> dict[str, tuple[str, torch.Tensor, list[str]]]:
 
 @pytest.mark.parametrize("case", ["wrong shape", "unknown name", "integer dtype", "bool dtype", "duplicate",
                                   "not a tensor"])
-@pytest.mark.parametrize("validate_all_first", [True, False])
-def test_bad_tensor_is_refused_and_nothing_changes(model, case, validate_all_first) -> None:
+def test_bad_tensor_is_refused_and_nothing_changes(model, case) -> None:
     before, ptrs = model_checksums(model), _data_ptrs(model)
     name, bad, expected_words = _bad_cases(model)[case]
     # Good tensors first, so a copy-as-you-go implementation would already have written them.
     stream = [(n, t) for n, t in _perturbed(model) if n != name or case == "duplicate"] + [(name, bad)]
     with pytest.raises(WeightUpdateError) as err:
-        apply_named_tensors(model, stream, validate_all_first=validate_all_first)
+        apply_named_tensors(model, stream)
     for word in expected_words:
         assert word in str(err.value), (word, str(err.value))
     assert model_checksums(model) == before
@@ -166,60 +163,10 @@ def test_tied_lm_head_is_skipped(tiny_model_dir) -> None:
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
-# --- Transaction -----------------------------------------------------------------------------------
-
-
-def test_transaction_rollback_after_a_broken_stream_restores_exactly(model) -> None:
-    before, ptrs = model_checksums(model), _data_ptrs(model)
-    named = _perturbed(model)
-
-    def stream():  # half the tensors, then the source breaks (a peer died mid-broadcast)
-        yield from named[: len(named) // 2]
-        raise ConnectionError("peer gone")
-
-    with pytest.raises(ConnectionError, match="peer gone"):
-        apply_in_place_with_backup(model, stream())
-    assert model_checksums(model) == before
-    assert _data_ptrs(model) == ptrs
-
-
-def test_transaction_by_hand(model) -> None:
-    before = model_checksums(model)
-    named = _perturbed(model)
-    tx = Transaction(model)
-    tx.apply_all(named[:5])
-    assert tx.backup_bytes == sum(model.weight_target(n).nbytes for n, _ in named[:5])
-    assert model_checksums(model) != before
-    with pytest.raises(WeightUpdateError, match="Shape mismatch"):
-        tx.apply(named[5][0], torch.zeros(1))
-    tx.rollback()
-    assert model_checksums(model) == before
-    with pytest.raises(RuntimeError, match="rolled back"):
-        tx.apply(*named[0])
-
-    with Transaction(model) as tx:
-        tx.apply_all(named)
-    assert tx.report is not None and tx.report.names == [n for n, _ in named]
-    assert tx.report.digest == digest_of(named)
-    assert tx.backup_bytes == 0  # dropped at commit
-
-
-def test_rollback_of_a_name_written_twice_ends_with_the_oldest_value(model) -> None:
-    # Duplicates are refused, but rollback must not rely on that: restore newest first.
-    name = "model.norm.weight"
-    old = model.weight_target(name).clone()
-    tx = Transaction(model)
-    tx.apply(name, old + 1)
-    tx._seen.discard(name)  # pretend a second write of the same target slipped through
-    tx.apply(name, old + 2)
-    tx.rollback()
-    assert torch.equal(model.weight_target(name), old)
-
-
 def test_source_that_requires_grad_is_copied_without_autograd(model) -> None:
     name = "model.norm.weight"
     src = torch.ones(model.weight_target(name).shape, requires_grad=True) * 2
-    apply_named_tensors(model, [(name, src)], validate_all_first=False)
+    apply_named_tensors(model, [(name, src)])
     assert torch.equal(model.weight_target(name), src.detach())
     assert not model.weight_target(name).requires_grad
 
@@ -244,7 +191,7 @@ def test_disk_switch_and_back(base_path, other_path) -> None:
     assert model_checksums(runner.model) == model_checksums(fresh.model)
     assert report.digest == digest_of(iterate_checkpoint(other_path))
     assert torch.equal(_prefill_logits(runner, IDS), _prefill_logits(fresh, IDS))
-    update_weights_from_disk(runner.model, base_path, backup=True)
+    update_weights_from_disk(runner.model, base_path)
     assert model_checksums(runner.model) == original
     assert _data_ptrs(runner.model) == ptrs
 
@@ -306,9 +253,5 @@ def test_disk_read_failure_midway(model, other_path, monkeypatch) -> None:
             yield item
 
     monkeypatch.setattr(sync.disk, "iterate_checkpoint", flaky)
-    before = model_checksums(model)
-    with pytest.raises(OSError, match="disk went away"):
-        update_weights_from_disk(model, other_path, backup=True)
-    assert model_checksums(model) == before
     with pytest.raises(PartialUpdateError, match="4 of"):
         update_weights_from_disk(model, other_path)

@@ -1,7 +1,8 @@
 """Broadcast updates over gloo between real processes: a trainer (rank 0) and servers (ranks 1, 2).
 
 Processes are spawned (torch.multiprocessing, 'spawn'); the pytest process takes part as one server so it
-can apply what it receives to a real model. Announcements that would travel over HTTP (names, dtypes,
+can apply what it receives to a real model; both servers receive with sync.ModelReceiver, as a server's
+WeightUpdater does (one "direct", one "buffered"). Announcements that would travel over HTTP (names, dtypes,
 shapes) travel over multiprocessing queues, msgspec-encoded. Module-level imports stay light (no
 transformers) so each spawned child starts fast.
 """
@@ -22,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sync import (BroadcastError, GroupJoinError, Transaction, WeightSender, apply_named_tensors,
-                  destroy_process_group, init_custom_process_group, iterate_checkpoint, layout_bucket,
-                  model_checksums, named_checksums, receive_buckets, receive_tensors, tcp_init_method)
+from sync import (BroadcastError, GroupJoinError, ModelReceiver, PartialUpdateError, UpdateReport, WeightSender,
+                  WeightUpdateError, check_specs, destroy_process_group, init_custom_process_group,
+                  iterate_checkpoint, model_checksums, named_checksums, tcp_init_method)
 from sync.specs import TensorSpecs
 
 pytestmark = pytest.mark.timeout(180)  # a hang is a failure, never a stuck CI job
@@ -83,7 +84,6 @@ def _trainer(port: int, default_port: int, ckpt: str, world_size: int, announce:
         mixed_metas = mixed.send_buckets(named3, on_bucket=lambda meta: tell(2, "bucket", meta.specs()))
         tell(3, "done", TensorSpecs([], [], []))
         results.put(("trainer", {
-            "raw": [named_checksums(named), named_checksums(named2), named_checksums(named3)],
             "fp32": [named_checksums(x, torch.float32) for x in (named, named2, named3)],
             "buckets": len(metas), "bucket_dtypes": sorted({m.buffer_dtype for m in metas}),
             "mixed_buffers": sorted({m.buffer_dtype for m in mixed_metas}),
@@ -95,27 +95,51 @@ def _trainer(port: int, default_port: int, ckpt: str, world_size: int, announce:
         results.put(("trainer error", traceback.format_exc()))
 
 
+def _model(path: str):
+    from runtime.model_runner import ModelRunner
+    from runtime.server_args import ServerArgs
+
+    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512,
+                                  device="cpu", dtype="float32"), progress=False).model
+
+
+def _receive(receiver: ModelReceiver, group: dist.ProcessGroup, kind: str, specs: TensorSpecs) -> UpdateReport:
+    """One announced request, as a server's WeightUpdater takes it: check the specs against the model, then
+    receive; specs that do not fit are still received (and dropped) so the trainer is not left blocked."""
+    try:
+        targets = check_specs(receiver.model, specs)
+    except WeightUpdateError:
+        targets = None
+    if kind == "tensors":
+        return receiver.receive_tensors(group, specs, targets, "cpu")
+    return receiver.receive_bucket(group, GROUP, specs, targets, "cpu")
+
+
 def _receive_updates(group: dist.ProcessGroup, announce, on_update) -> None:
-    """Serve announcements until 'done': each is all tensors of an update, or one bucket of it."""
+    """Serve announcements until 'done': each is all tensors of an update, or one bucket of it (the request
+    carries names, dtypes, shapes only: the receiver rebuilds the bucket's layout from them)."""
     while True:
         update, kind, raw = announce.get(timeout=WAIT)
         if kind == "done":
             return
-        specs = msgspec.json.decode(raw, type=TensorSpecs)
-        if kind == "tensors":
-            on_update(update, receive_tensors(group, specs))
-        else:  # the request carries names, dtypes, shapes only: rebuild the layout from them
-            on_update(update, receive_buckets(group, [layout_bucket(specs)]))
+        on_update(update, kind, msgspec.json.decode(raw, type=TensorSpecs))
 
 
-def _receiver(port: int, default_port: int, world_size: int, rank: int, announce, results) -> None:
+def _receiver(port: int, default_port: int, world_size: int, rank: int, model_path: str, announce,
+              results) -> None:
     try:
         _own_default_group(default_port)
+        receiver = ModelReceiver(_model(model_path), "buffered")
         group = _join(port, world_size, rank)
-        got: list[dict[str, int]] = [{}, {}, {}]
-        _receive_updates(group, announce, lambda update, stream: got[update].update(named_checksums(stream)))
+        got: dict[int, dict[str, int]] = {}
+
+        def on_update(update: int, kind: str, specs: TensorSpecs) -> None:
+            _receive(receiver, group, kind, specs)
+            got[update] = model_checksums(receiver.model)
+
+        _receive_updates(group, announce, on_update)
         destroy_process_group(group)
-        results.put((f"receiver {rank}", {"raw": got, "default": _default_group_state()}))
+        results.put((f"receiver {rank}", {"fp32": [got[u] for u in sorted(got)], "default": _default_group_state()}))
         dist.destroy_process_group()
     except BaseException:
         results.put((f"receiver {rank} error", traceback.format_exc()))
@@ -171,14 +195,6 @@ def _dying_trainer(port: int, ckpt: str, announce, mode: str, die_after: int) ->
 # --- tests -------------------------------------------------------------------------------------------
 
 
-def _model(path: str):
-    from runtime.model_runner import ModelRunner
-    from runtime.server_args import ServerArgs
-
-    return ModelRunner(ServerArgs(model_path=path, max_total_tokens=512,
-                                  device="cpu", dtype="float32"), progress=False).model
-
-
 def _collect(results, n: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for _ in range(n):
@@ -197,16 +213,18 @@ def _stop(procs) -> None:
 
 
 def test_trainer_broadcasts_to_two_servers(tiny_model_dir) -> None:
-    """World size 3: trainer (child, own default group), server 1 (child, own default group), server 2 (us,
-    no default group). Per tensor, typed buckets and mixed-dtype buckets; servers end equal to the trainer."""
+    """World size 3: trainer (child, own default group), server 1 (child, own default group, buffered
+    receive), server 2 (us, no default group, direct receive). Per tensor, typed buckets and mixed-dtype
+    buckets; servers end equal to the trainer."""
     ckpt = tiny_model_dir("llama", seed=1)
-    model = _model(tiny_model_dir("llama"))
+    base = tiny_model_dir("llama")
+    model = _model(base)
     ptrs = [p.data_ptr() for p in model.parameters()]
     ctx = mp.get_context("spawn")
     ann_child, ann_us, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_trainer, args=(port, _free_port(), ckpt, 3, [ann_child, ann_us], results)),
-             ctx.Process(target=_receiver, args=(port, _free_port(), 3, 1, ann_child, results))]
+             ctx.Process(target=_receiver, args=(port, _free_port(), 3, 1, base, ann_child, results))]
     for p in procs:
         p.start()
     try:
@@ -214,27 +232,16 @@ def test_trainer_broadcasts_to_two_servers(tiny_model_dir) -> None:
         group = _join(port, 3, 2)
         assert not dist.is_initialized(), "joining the weight group must not create a default group"
         assert group.size() == 3 and group.rank() == 2
-        reports: dict[int, Any] = {}
+        receiver = ModelReceiver(model, "direct")
+        applied: dict[int, list[str]] = {}
         checksums: dict[int, dict[str, int]] = {}
-        open_tx: dict[int, Transaction] = {}
 
-        def finish(update: int) -> None:
-            if update in open_tx:
-                reports[update] = open_tx.pop(update).commit()
+        def on_update(update: int, kind: str, specs: TensorSpecs) -> None:
+            # Per tensor (update 0) or bucket by bucket (updates 1, 2): one request each, as over HTTP.
+            applied.setdefault(update, []).extend(_receive(receiver, group, kind, specs).names)
             checksums[update] = model_checksums(model)
 
-        def on_update(update: int, stream) -> None:
-            for earlier in [u for u in open_tx if u != update]:
-                finish(earlier)
-            if update == 0:  # per tensor: everything received and validated before the first copy
-                reports[0] = apply_named_tensors(model, stream)
-                finish(0)
-            else:  # bucket by bucket into one transaction per update (rollback if a bucket fails)
-                open_tx.setdefault(update, Transaction(model)).apply_all(stream)
-
         _receive_updates(group, ann_us, on_update)
-        for update in list(open_tx):
-            finish(update)
         destroy_process_group(group)
         assert not dist.is_initialized()
 
@@ -248,10 +255,10 @@ def test_trainer_broadcasts_to_two_servers(tiny_model_dir) -> None:
     # Server 2 (here): the model holds exactly the trainer's tensors after each update (in fp32).
     assert checksums == dict(enumerate(trainer["fp32"]))
     names = model.hf_weight_names()
-    assert all(sorted(reports[u].names) == sorted(names) for u in range(3))
+    assert all(sorted(applied[u]) == sorted(names) for u in range(3))
     assert [p.data_ptr() for p in model.parameters()] == ptrs
-    # Server 1 (child): every received tensor equals what the trainer sent, bit for bit.
-    assert got["receiver 1"]["raw"] == trainer["raw"]
+    # Server 1 (child): the same, received buffered (bf16 -> fp32 is exact, so this is bit for bit).
+    assert got["receiver 1"]["fp32"] == trainer["fp32"]
     # Both children's own default groups are untouched.
     for state in (got["trainer default group"], got["receiver 1"]["default"]):
         assert state == {"initialized": True, "rank": 0, "world": 1, "sum": 1.0}
@@ -278,13 +285,17 @@ def test_trainer_fails_fast_when_a_server_never_comes() -> None:
     assert time.monotonic() - start < 3
 
 
-@pytest.mark.parametrize("mode", ["tensors", "buckets", "mid-message"])
-def test_trainer_killed_mid_broadcast(tiny_model_dir, mode) -> None:
-    """The server raises long before the group timeout, and its transaction restores the old weights.
+@pytest.mark.parametrize("mode, receive", [("tensors", "buffered"), ("tensors", "direct"), ("buckets", "buffered"),
+                                           ("mid-message", "buffered")])
+def test_trainer_killed_mid_broadcast(tiny_model_dir, mode, receive) -> None:
+    """The server raises long before the group timeout. A buffered request leaves the model untouched
+    (BroadcastError); buckets applied before the one that broke stay applied (each is its own request); a
+    direct receive reports the mix (PartialUpdateError).
 
     The trainer here joins and sends the way third-party trainer code does (not through sync/)."""
     ckpt = tiny_model_dir("llama", seed=1)
     model = _model(tiny_model_dir("llama"))
+    receiver = ModelReceiver(model, receive)
     before = model_checksums(model)
     ctx = mp.get_context("spawn")
     announce = ctx.Queue()
@@ -294,23 +305,26 @@ def test_trainer_killed_mid_broadcast(tiny_model_dir, mode) -> None:
     try:
         group = _join(port, 2, 1, timeout=60)  # a generous timeout: the failure must not wait for it
         raw = announce.get(timeout=WAIT)
-        if mode in ("tensors", "mid-message"):
-            stream = receive_tensors(group, msgspec.json.decode(raw, type=TensorSpecs))
+        if mode == "buckets":
+            requests = [("bucket", s) for s in msgspec.json.decode(raw, type=list[TensorSpecs])]
+            assert len(requests) > 4
         else:
-            metas = [layout_bucket(s) for s in msgspec.json.decode(raw, type=list[TensorSpecs])]
-            assert len(metas) > 4
-            stream = receive_buckets(group, metas)
+            requests = [("tensors", msgspec.json.decode(raw, type=TensorSpecs))]
+        applied: list[str] = []
         start = time.monotonic()
-        with pytest.raises(BroadcastError) as err:
-            if mode == "mid-message":
-                list(stream)
-            else:
-                with Transaction(model) as tx:
-                    tx.apply_all(stream)
+        with pytest.raises(PartialUpdateError if receive == "direct" else BroadcastError) as err:
+            for kind, specs in requests:
+                _receive(receiver, group, kind, specs)
+                applied += specs.names
         elapsed = time.monotonic() - start
         assert elapsed < 10, elapsed  # the group timeout is 60 s
         assert GROUP in str(err.value) and ("tensor" in str(err.value) or "bucket" in str(err.value))
-        assert model_checksums(model) == before
+        if receive == "direct":
+            assert "directly" in str(err.value)
+        else:
+            new = named_checksums(iterate_checkpoint(ckpt))
+            assert len(applied) == (sum(len(s.names) for _, s in requests[:3]) if mode == "buckets" else 0)
+            assert model_checksums(model) == {n: new[n] if n in applied else c for n, c in before.items()}
         destroy_process_group(group)
     finally:
         proc.join(timeout=WAIT)

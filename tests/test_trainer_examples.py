@@ -9,13 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pathlib import Path as _Path
-
-# The weight-update routes come with branch `weights`; until it is merged here there is nothing to test.
-_HAS_WEIGHT_ROUTES = (_Path(__file__).parents[1] / "rollout" / "weight_routes.py").is_file()
-
-_skip = pytest.mark.skipif(not _HAS_WEIGHT_ROUTES, reason="needs the weight-update routes (branch weights)")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), _skip]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("name, extra", [("grpo_cpu", ["--verify"]), ("grpo_disk", ["--every", "1", "--verify"]),

@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bucket_trainer import named_in_order, run
-from rollout.testing import free_port
+from tests.bucket_trainer import named_in_order, run
+from tests.helpers import free_port
 from runtime.engine import Engine, WeightsUnusableError
 from sync import plan_buckets
-from weight_trainer import hf_greedy
+from tests.weight_trainer import hf_greedy
 
 pytestmark = pytest.mark.timeout(180)
 

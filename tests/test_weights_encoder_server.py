@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from rollout.testing import ServerProcess
-from rollout.testing_scoring import make_tiny_cross_encoder_dir
+from tests.helpers import ServerProcess
+from tests.scoring_models import make_tiny_cross_encoder_dir
 
 pytestmark = pytest.mark.timeout(180)
 

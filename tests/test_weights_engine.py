@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from runtime.engine import Engine, WeightsUnusableError
-from weight_trainer import hf_greedy, perturbed
+from tests.weight_trainer import hf_greedy, perturbed
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from runtime.engine import Engine
-from weight_trainer import perturbed
+from tests.weight_trainer import perturbed
 
 pytestmark = pytest.mark.timeout(180)
 

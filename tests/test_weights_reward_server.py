@@ -10,8 +10,8 @@ import requests
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rollout.testing import ServerProcess, make_tiny_model_dir
-from rollout.testing_scoring import make_reward_model_dir
+from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.scoring_models import make_reward_model_dir
 
 pytestmark = pytest.mark.timeout(180)
 

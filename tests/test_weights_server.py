@@ -1,6 +1,6 @@
 """Hot weight updates over HTTP: a real server (two for the broadcast), a trainer process, gloo on CPU.
 
-The trainer (tests/weight_trainer.py) uses sync.ServerGroup: it joins the group while posting
+The trainer (tests/weight_trainer.py) uses rollout.RolloutClient: it joins the group while posting
 /init_weights_update_group to both servers (world size 3), pushes seeded perturbations per tensor and in
 buckets, and destroys the group. The test checks each server's weights (get_weights_by_name) and greedy
 output against transformers on the same tensors, versions everywhere, disk switches and their failure
@@ -22,9 +22,9 @@ import pytest
 import requests
 import torch
 
-from rollout.testing import ServerProcess, free_port
+from tests.helpers import ServerProcess, free_port
 from sync import encode_named_tensors
-from weight_trainer import hf_greedy, perturbed
+from tests.weight_trainer import hf_greedy, perturbed
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -1,6 +1,6 @@
 """A trainer process for the server weight-update tests: `python tests/weight_trainer.py '<json>'`.
 
-It joins the servers' weight-update group through sync.ServerGroup (the public trainer API) and pushes
+It joins the servers' weight-update group through rollout.RolloutClient (the public trainer API) and pushes
 seeded perturbations of a checkpoint (`perturbed()`, which the test recomputes to check the result). Between
 updates it prints "done <i>" and waits for a line on stdin, so the test can check each update. With "kill":
 {"update": i, "after": k} it SIGKILLs itself just before its (k+1)-th broadcast of update i: a trainer dying
@@ -72,10 +72,10 @@ def _die_before_broadcast(after: int) -> None:
 
 
 def main(cfg: dict) -> None:
-    from sync import ServerGroup
+    from rollout import RolloutClient
 
-    group = ServerGroup.create(cfg["urls"], "127.0.0.1", cfg["port"], backend="gloo", timeout=cfg.get("timeout", 30),
-                               bucket_bytes=cfg.get("bucket_bytes", 40_000))
+    client = RolloutClient(cfg["urls"])
+    group = client.init_weights_update_group("127.0.0.1", cfg["port"], backend="gloo", timeout=cfg.get("timeout", 30))
     print("joined", flush=True)
     kill = cfg.get("kill")
     for i, u in enumerate(cfg["updates"]):
@@ -84,12 +84,16 @@ def main(cfg: dict) -> None:
             _die_before_broadcast(kill["after"])
         named = perturbed(cfg["ckpt"], u["scale"], u["seed"])
         try:
-            group.push(named, weight_version=u.get("version"), load_format=u.get("load_format", "flattened_bucket"))
+            # pause=None: the test drives the servers itself (a trainer killed mid-push never continues them)
+            client.update_weights_from_distributed(group, named, weight_version=u.get("version"), pause=None,
+                                                   load_format=u.get("load_format", "flattened_bucket"),
+                                                   bucket_bytes=cfg.get("bucket_bytes", 40_000))
             print(f"done {i}", flush=True)
         except Exception as e:
             print(f"failed {i} {json.dumps(str(e))}", flush=True)
     sys.stdin.readline()
-    group.destroy()
+    client.destroy_weights_update_group(group)
+    client.close()
     print("destroyed", flush=True)
 
 

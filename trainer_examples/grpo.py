@@ -111,17 +111,21 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, problems: lis
 Scorer = Callable[[list[Problem], list[list[GenerateResult]]], list[list[float]]]
 
 
+def served_model_path(client: RolloutClient) -> str:
+    """The directory of the model the (first) server runs, as it reports it: a server started without
+    --model-path serves the embedded SmolLM2, and the trainer starts from the same weights."""
+    return client.model_info()[0]["model_path"]
+
+
 def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[], object], title: str,
         scorer: Scorer | None = None) -> list[StepLog]:
     """The loop; `make_sync()` builds a BroadcastSync or DiskSync (after the servers are up); `scorer`
     replaces the task's verifiable reward (the reward-model example)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runtime.default_model import default_model_path
-
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.trainer_threads)  # the server(s) take the other core(s)
-    path = args.model_path or default_model_path()
+    path = args.model_path or served_model_path(client)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train()

@@ -22,40 +22,43 @@ from trainer_examples.weight_sync import BroadcastSync
 
 
 def make_reward_model(base: str, path: str) -> str:
-    """SmolLM2 + LlamaForSequenceClassification whose score head is the <|im_end|> unembedding row."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
-
-    from rollout.testing_scoring import make_reward_model_dir
+    """`base` (SmolLM2) as a LlamaForSequenceClassification whose score head is the <|im_end|> unembedding
+    row minus the mean row, saved with its tokenizer to `path` (once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    make_reward_model_dir(path, base)
-    end = AutoTokenizer.from_pretrained(base).convert_tokens_to_ids("<|im_end|>")
-    file = os.path.join(path, "model.safetensors")
-    weights = load_file(file)
-    emb = weights["model.embed_tokens.weight"]  # SmolLM2 ties its unembedding to the embedding
-    weights["score.weight"] = (emb[end] - emb.mean(0)).unsqueeze(0).clone()
-    save_file(weights, file, metadata={"format": "pt"})
+    config = AutoConfig.from_pretrained(base)
+    config.architectures = ["LlamaForSequenceClassification"]
+    config.num_labels = 1
+    if config.pad_token_id is None:  # transformers needs one to find the last token of a padded batch
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    causal = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
+    assert missing == ["score.weight"], missing
+    emb = causal.get_input_embeddings().weight  # SmolLM2 ties its unembedding to the embedding
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.score.weight.copy_((emb[end] - emb.mean(0)).unsqueeze(0))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
     p = grpo.argument_parser("trainer_examples.ppo_reward_model", __doc__, default_out="ppo_rm_out")
     args = p.parse_args(argv)
-    from runtime.default_model import default_model_path
-
-    base = args.model_path or default_model_path()
-    rm_path = make_reward_model(base, os.path.join(args.out, "reward_model"))
     with contextlib.ExitStack() as stack:
-        policy = rollout.LocalServer(base, num_threads=args.server_threads, device=args.server_device).spawn()
-        stack.callback(policy.stop)
-        rm = rollout.LocalServer(rm_path, is_embedding=True, num_threads=args.server_threads,
-                                  device=args.server_device).spawn()
-        stack.callback(rm.stop)
-        policy.wait_until_ready()
-        rm.wait_until_ready()
+        policy = stack.enter_context(rollout.launch_server(args.model_path, num_threads=args.server_threads,
+                                                          device=args.server_device))
         client = stack.enter_context(RolloutClient([policy.url]))
+        # The reward model is built from the policy the server runs (the embedded SmolLM2 by default).
+        rm_path = make_reward_model(grpo.served_model_path(client), os.path.join(args.out, "reward_model"))
+        rm = stack.enter_context(rollout.launch_server(rm_path, is_embedding=True, num_threads=args.server_threads,
+                                                      device=args.server_device))
         rm_client = stack.enter_context(RolloutClient([rm.url]))
 
         def score(problems: list[Problem], groups: list[list[GenerateResult]]) -> list[list[float]]:

@@ -3,8 +3,9 @@
     python -m trainer_examples.push_weights --servers http://127.0.0.1:30000 http://127.0.0.1:30001 \
         --checkpoint /path/to/hf_dir --master-port 29500 --version step-1 --perturb 0.01
 
-Uses only the public sync API: ServerGroup.create joins the servers' group as rank 0 (posting
-/init_weights_update_group to each server at once), push sends buckets, destroy leaves the group.
+Uses only the public client: init_weights_update_group joins the servers' group as rank 0 (posting
+/init_weights_update_group to each server at once), update_weights_from_distributed sends buckets,
+destroy_weights_update_group leaves the group.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 
 import torch
 
-from sync import ServerGroup, iterate_checkpoint
+from rollout import RolloutClient
+from sync import iterate_checkpoint
 
 
 def main() -> None:
@@ -34,12 +36,13 @@ def main() -> None:
         named = [(n, t + args.perturb * torch.randn_like(t)) for n, t in named]
     if args.backend == "nccl":
         named = [(n, t.cuda()) for n, t in named]
-    group = ServerGroup.create(args.servers, args.master_address, args.master_port, backend=args.backend,
-                               bucket_bytes=int(args.bucket_mb * 2**20))
-    start = time.perf_counter()
-    group.push(named, weight_version=args.version)
-    print(f"pushed {len(named)} tensors to {len(args.servers)} servers in {time.perf_counter() - start:.2f} s")
-    group.destroy()
+    with RolloutClient(args.servers) as client:
+        group = client.init_weights_update_group(args.master_address, args.master_port, backend=args.backend)
+        start = time.perf_counter()
+        client.update_weights_from_distributed(group, named, weight_version=args.version,
+                                               bucket_bytes=int(args.bucket_mb * 2**20))
+        print(f"pushed {len(named)} tensors to {len(args.servers)} servers in {time.perf_counter() - start:.2f} s")
+        client.destroy_weights_update_group(group)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from rollout.ipc import InputCodec, IpcAddresses, OutputCodec, configure
+from rollout.server.ipc import InputCodec, IpcAddresses, OutputCodec, configure
 from runtime.messages import EngineFailed, EngineReady
 from runtime.server_args import ServerArgs, set_process_threads
 

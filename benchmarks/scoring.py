@@ -1,17 +1,19 @@
-"""`python -m rollout.bench_scoring`: reward scoring through the server's /classify beside transformers'
+"""`python -m benchmarks.scoring`: reward scoring through the server's /classify beside transformers'
 batched forward on the same model, in the same run.
 
 Builds a reward model (SmolLM2-135M-Instruct with a seeded LlamaForSequenceClassification head; `--tiny`
 for a tiny random one), makes `--pairs` chat-formatted prompt+response pairs of about `--tokens` tokens
 (lengths vary from half to one and a half times that, as rollouts do), then times
 - the server: one /classify call with every text (warm-up call first), and
-- transformers: the same texts, tokenized, in padded batches of `--hf-batch-size` (right padding, the
-  model reads the last non-pad token), under torch.inference_mode,
+- transformers: the same texts, tokenized, sorted by length and cut into padded batches of
+  `--hf-batch-size` (right padding, the model reads the last non-pad token), under torch.inference_mode.
+  Sorting first is what a user scoring a batch would do: neighbours have about the same length, so
+  padding wastes little (unsorted batches pad every text to the longest of 32 random ones),
 and prints both, the ratio, and the largest reward difference between them. Only meaningful on a quiet
-machine; the server's advantage comes from packing sequences without padding.
+machine; the server's advantage comes from packing sequences without any padding.
 
-    python -m rollout.bench_scoring                       # 256 pairs of ~200 tokens on SmolLM2
-    python -m rollout.bench_scoring --tiny --pairs 16 --tokens 40   # a quick check that it runs
+    python -m benchmarks.scoring                       # 256 pairs of ~200 tokens on SmolLM2
+    python -m benchmarks.scoring --tiny --pairs 16 --tokens 40   # a quick check that it runs
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import shutil
 import tempfile
 import time
 
+import requests
 import torch
 
-from rollout.testing import ServerProcess, make_tiny_model_dir
-from rollout.testing_scoring import make_reward_model_dir
+import rollout
+from tests.helpers import make_tiny_model_dir
+from tests.scoring_models import make_reward_model_dir
 
 WORDS = ("the policy model answers questions about rivers mountains numbers proofs code tests weather history "
          "music cells planets language reward training gradient batch token answer because therefore however "
@@ -47,14 +51,11 @@ def make_texts(tokenizer, pairs: int, tokens: int, seed: int) -> list[str]:
 
 
 def time_server(path: str, texts: list[str], threads: int | None) -> tuple[float, list[float]]:
-    args = ["--model-path", path, "--is-embedding", "--log-level", "warning",
-            "--max-running-requests", str(max(len(texts), 1))]
-    if threads:
-        args += ["--num-threads", str(threads)]
-    with ServerProcess(args) as server:
-        server.post("/classify", json={"text": texts[: min(8, len(texts))]}, timeout=600)  # warm-up
+    with rollout.launch_server(path, is_embedding=True, log_level="warning", max_running_requests=max(len(texts), 1),
+                               num_threads=threads) as server:
+        requests.post(server.url + "/classify", json={"text": texts[: min(8, len(texts))]}, timeout=600)  # warm-up
         start = time.perf_counter()
-        resp = server.post("/classify", json={"text": texts}, timeout=3600)
+        resp = requests.post(server.url + "/classify", json={"text": texts}, timeout=3600)
         seconds = time.perf_counter() - start
         resp.raise_for_status()
         return seconds, [o["embedding"][0] for o in resp.json()]
@@ -69,15 +70,19 @@ def time_transformers(path: str, texts: list[str], batch_size: int) -> tuple[flo
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     model(**tok(texts[:2], padding=True, return_tensors="pt"))  # warm-up
     start = time.perf_counter()
-    rewards: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], padding=True, return_tensors="pt")
-        rewards += model(**enc).logits[:, 0].tolist()
+    ids = tok(texts)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    rewards = [0.0] * len(texts)
+    for k in range(0, len(order), batch_size):
+        batch = order[k:k + batch_size]
+        enc = tok.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt")
+        for i, reward in zip(batch, model(**enc).logits[:, 0].tolist()):
+            rewards[i] = reward
     return time.perf_counter() - start, rewards
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m rollout.bench_scoring", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=200, help="average tokens per prompt+response")
@@ -114,7 +119,8 @@ def main() -> None:
               "server_tokens_per_s": round(num_tokens / server_s, 1),
               "transformers_tokens_per_s": round(num_tokens / hf_s, 1), "max_reward_diff": diff}
     print(f"server /classify: {server_s:.3f} s ({num_tokens / server_s:.0f} tokens/s)")
-    print(f"transformers (batch {args.hf_batch_size}, padded): {hf_s:.3f} s ({num_tokens / hf_s:.0f} tokens/s)")
+    print(f"transformers (sorted by length, padded batches of {args.hf_batch_size}): {hf_s:.3f} s "
+          f"({num_tokens / hf_s:.0f} tokens/s)")
     print(f"speedup: {hf_s / server_s:.2f}x   max reward difference: {diff:.2e}")
     print(json.dumps(result))
 

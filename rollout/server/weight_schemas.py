@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.schemas import BadRequest, short
+from rollout.server.schemas import BadRequest, short
 from sync.specs import parse_dtype
 
 _MISSING = object()

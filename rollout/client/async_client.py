@@ -7,7 +7,7 @@
 
 Each prompt's n samples go to one server in one request (they share its prefix cache); prompts spread
 over the servers by least outstanding samples. HTTP runs on `requests` in a thread pool, so the same
-code serves the synchronous RolloutClient (rollout/client.py) without a second implementation.
+code serves the synchronous RolloutClient (rollout/client/rollout_client.py) without a second implementation.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from rollout.balancer import Balancer
-from rollout.client_errors import ConnectionFailedError, RolloutError, ServiceUnavailableError
-from rollout.client_results import EncodeResult, GenerateResult, ServerReply
-from rollout.client_weights import WeightUpdateMixin
-from rollout.retry_policy import NO_RETRY, RetryPolicy
-from rollout.server_connection import ServerConnection
+from rollout.client.balancer import Balancer
+from rollout.client.errors import ConnectionFailedError, RolloutError, ServiceUnavailableError
+from rollout.client.results import EncodeResult, GenerateResult, ServerReply
+from rollout.client.retry_policy import NO_RETRY, RetryPolicy
+from rollout.client.server_connection import ServerConnection
+from rollout.client.weight_updates import WeightUpdateMixin
 
 DOWN_S = 2.0  # a server that refused a connection is avoided this long while others are up
 

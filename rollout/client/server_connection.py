@@ -10,9 +10,9 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from rollout.client_errors import (ConnectionFailedError, RequestTimeoutError, ServiceUnavailableError,
+from rollout.client.errors import (ConnectionFailedError, RequestTimeoutError, ServiceUnavailableError,
                                    server_error)
-from rollout.retry_policy import NO_RETRY, RetryPolicy
+from rollout.client.retry_policy import NO_RETRY, RetryPolicy
 
 
 def _error_message(resp: requests.Response) -> str:
@@ -70,7 +70,7 @@ class ServerConnection:
              retry: RetryPolicy = NO_RETRY, params: dict[str, Any] | None = None) -> Any:
         """Send one request; answer the decoded JSON (or text, or None for an empty body).
 
-        Raises the typed errors of rollout.client_errors. `retry` decides whether a connection failure or
+        Raises the typed errors of rollout.client.errors. `retry` decides whether a connection failure or
         a 503 is tried again; a timeout never is (the caller's time is spent)."""
         attempt = 0
         while True:

@@ -1,4 +1,5 @@
-"""The HTTP process's front end: tokenizer, in-flight requests, and the two sockets to the engine.
+"""`EngineClient`: the HTTP process's client of the engine process: tokenizer, in-flight requests, and
+the two sockets to the engine.
 
 One `GenerateCall` per /generate call holds a ResponseBuilder per sample (prompt-major) and one asyncio
 event; the receive loop applies each RequestOutput delta to its builder and wakes the call (at every
@@ -20,8 +21,8 @@ import zmq
 import zmq.asyncio
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from rollout.engine_process import EngineProcess
-from rollout.ipc import InputCodec, OutputCodec, configure
+from rollout.server.engine_process import EngineProcess
+from rollout.server.ipc import InputCodec, OutputCodec, configure
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EmbedRequest, EngineFailed, EngineReady,
                               FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
@@ -69,7 +70,7 @@ class _Slot:
     abandoned: bool = False   # the client left; the slot stays until the engine confirms the abort
 
 
-class TokenizerManager:
+class EngineClient:
     def __init__(self, args: Any):
         self.args = args
         self.tokenizer: PreTrainedTokenizerBase | None = None

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Sequence
 
 import msgspec
 
-from rollout.broadcast_group import BroadcastGroup
-from rollout.client_errors import BadRequestError, WeightUpdateError
-from rollout.client_results import ServerReply
+from rollout.client.broadcast_group import BroadcastGroup
+from rollout.client.errors import BadRequestError, WeightUpdateError
+from rollout.client.results import ServerReply
 
 if TYPE_CHECKING:
     import torch
@@ -155,17 +155,19 @@ class WeightUpdateMixin:
                                         *, backend: str = "gloo", group_name: str = "weight_update_group",
                                         timeout: float = 120.0) -> BroadcastGroup:
         """Create the trainer's group (rank 0) and have every server join it (ranks 1..): one group for all
-        servers, so one broadcast updates them all. `master_port` None picks a free port."""
+        servers, so one broadcast updates them all. `master_port` None picks a free port. `timeout` bounds
+        the join on both sides and, on the servers, every later broadcast of the group."""
         from sync import destroy_process_group, init_custom_process_group, tcp_init_method
 
         if master_port is None:
-            from rollout.local_server import free_port
+            from rollout.client.local_server import free_port
             master_port = free_port()
         tp = [int(info.get("tp_size", 1)) for info in await self.server_info()]  # type: ignore[attr-defined]
         offsets = [1 + sum(tp[:i]) for i in range(len(tp))]
         world_size = 1 + sum(tp)
         bodies = [{"master_address": master_address, "master_port": master_port, "rank_offset": off,
-                   "world_size": world_size, "group_name": group_name, "backend": backend} for off in offsets]
+                   "world_size": world_size, "group_name": group_name, "backend": backend, "timeout": timeout}
+                  for off in offsets]
         joins = asyncio.ensure_future(self._update_on_all("init_weights_update_group", "/init_weights_update_group",
                                                           bodies, timeout=timeout + 30))
         loop = asyncio.get_running_loop()
@@ -186,18 +188,33 @@ class WeightUpdateMixin:
                                               named_tensors: Iterable[tuple[str, "torch.Tensor"]], *,
                                               weight_version: str | None = None, flush_cache: bool = True,
                                               bucket_bytes: int | None = None, pause: str | None = "retract",
-                                              verify: bool | Sequence[str] = False) -> list[ServerReply]:
+                                              verify: bool | Sequence[str] = False,
+                                              load_format: str | None = "flattened_bucket") -> list[ServerReply]:
         """Broadcast `named_tensors` (HF names) to every server of the group, in flat buckets (one request
         and one collective each). The version and the cache flush go with the last bucket, so a server never
-        reports the new version before it holds every tensor. Answers the last bucket's replies."""
+        reports the new version before it holds every tensor. Answers the last bucket's replies.
+        load_format None: one request for every tensor and one collective per tensor instead (SGLang's
+        original protocol)."""
         from sync import WeightSender
         from sync.sender import DEFAULT_BUCKET_BYTES
 
+        if load_format not in ("flattened_bucket", None):
+            raise ValueError(f"load_format must be 'flattened_bucket' or None, got {load_format!r}.")
         named = list(named_tensors)
         sender = WeightSender(group.process_group, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
-        metas = sender.plan(named)
+        metas = sender.plan(named) if load_format else []
         loop = asyncio.get_running_loop()
         pending: list[asyncio.Future] = []
+
+        def announce_all(specs: Any) -> None:
+            # Per tensor: one request announces everything; the servers answer once every tensor is in.
+            body: dict[str, Any] = {**msgspec.to_builtins(specs), "group_name": group.group_name,
+                                    "flush_cache": flush_cache}
+            if weight_version is not None:
+                body["weight_version"] = weight_version
+            coro = self._update_on_all(f"update_weights_from_distributed ({len(named)} tensors)",
+                                       "/update_weights_from_distributed", body)
+            pending.append(asyncio.run_coroutine_threadsafe(coro, loop))  # type: ignore[arg-type]
 
         def announce(meta: Any) -> None:
             # Runs on the broadcasting thread before each bucket goes out: the previous bucket's requests
@@ -216,7 +233,10 @@ class WeightUpdateMixin:
 
         async with self.paused(pause):
             try:
-                await loop.run_in_executor(None, sender.send_buckets, named, announce)
+                if load_format is None:
+                    await loop.run_in_executor(None, sender.send_tensors, named, announce_all)
+                else:
+                    await loop.run_in_executor(None, sender.send_buckets, named, announce)
             finally:
                 results = [await _wait(p, raise_errors=False) for p in pending]
             for r in results:

@@ -1,4 +1,5 @@
 """Helpers for tests and benchmarks: a tiny random model with a real tokenizer, and a server subprocess.
+Both import it as `tests.helpers`, from the repository root (pytest's `pythonpath`; `python -m benchmarks.x`).
 
     path = make_tiny_model_dir(tmp_dir)                 # random Llama, vocab 49152, SmolLM2's tokenizer
     with ServerProcess(["--model-path", path]) as server:
@@ -14,7 +15,7 @@ from typing import Any
 
 import requests
 
-from rollout.local_server import LocalServer, free_port  # noqa: F401 (free_port: re-exported)
+from rollout.client.local_server import LocalServer, free_port  # noqa: F401 (free_port: re-exported)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt")

@@ -1,6 +1,6 @@
 """The weight-update and generation-control routes of API.md on the FastAPI app.
 
-Each route parses its body (rollout/weight_schemas.py: 400 naming field and value), sends one typed
+Each route parses its body (rollout/server/weight_schemas.py: 400 naming field and value), sends one typed
 control message on the request queue (the engine applies it between steps, in order, with the same
 runtime/controller.py code the in-process Engine runs) and answers `{"success", "message"}`: 200, or 400
 when success is false. A broken update makes /generate answer 503 with its message until the next good one.
@@ -13,11 +13,13 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from rollout.schemas import parse_json_body
-from rollout.tokenizer_manager import TokenizerManager
-from rollout.weight_schemas import (parse_destroy_group, parse_get_weights, parse_init_group, parse_memory_tags,
-                                    parse_pause, parse_update_from_disk, parse_update_from_distributed,
-                                    parse_update_from_tensor, parse_update_weight_version)
+from rollout.server.engine_client import EngineClient
+from rollout.server.responses import error_response, json_response
+from rollout.server.schemas import parse_json_body
+from rollout.server.weight_schemas import (parse_destroy_group, parse_get_weights, parse_init_group,
+                                           parse_memory_tags, parse_pause, parse_update_from_disk,
+                                           parse_update_from_distributed, parse_update_from_tensor,
+                                           parse_update_weight_version)
 from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
                               GetWeightsByNameReq, InitWeightsUpdateGroupReq, PauseGenerationReq, ReleaseMemoryReq,
                               ResumeMemoryReq, UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
@@ -30,8 +32,7 @@ DISK_TIMEOUT_S = 1800.0
 GROUP_MARGIN_S = 60.0
 
 
-def add_weight_routes(app: FastAPI, tm: TokenizerManager, json_response: Callable[..., Response],
-                      error_response: Callable[[str, int], Response]) -> None:
+def add_weight_routes(app: FastAPI, engine_client: EngineClient) -> None:
     group_timeouts: dict[str, float] = {}  # per group: its join/broadcast timeout, from the init request
 
     async def body_of(request: Request) -> dict[str, Any]:
@@ -45,19 +46,19 @@ def add_weight_routes(app: FastAPI, tm: TokenizerManager, json_response: Callabl
     def plain(parse: Callable[[dict[str, Any]], dict[str, Any]], message: type, timeout: float) -> Any:
         """A route that parses its body, sends one control message and answers its result."""
         async def route(request: Request) -> Response:
-            return answer(await tm.control(message, timeout, **parse(await body_of(request))))
+            return answer(await engine_client.control(message, timeout, **parse(await body_of(request))))
         return route
 
     async def update_from_disk(request: Request) -> Response:
         fields = parse_update_from_disk(await body_of(request))
-        result = await tm.control(UpdateWeightsFromDiskReq, DISK_TIMEOUT_S, **fields)
+        result = await engine_client.control(UpdateWeightsFromDiskReq, DISK_TIMEOUT_S, **fields)
         if result.success:
-            tm.model_path = fields["model_path"]
+            engine_client.model_path = fields["model_path"]
         return answer(result)
 
     async def init_group(request: Request) -> Response:
         fields = parse_init_group(await body_of(request))
-        result = await tm.control(InitWeightsUpdateGroupReq, fields["timeout"] + GROUP_MARGIN_S, **fields)
+        result = await engine_client.control(InitWeightsUpdateGroupReq, fields["timeout"] + GROUP_MARGIN_S, **fields)
         if result.success:
             group_timeouts[fields["group_name"]] = fields["timeout"]
         return answer(result)
@@ -67,24 +68,25 @@ def add_weight_routes(app: FastAPI, tm: TokenizerManager, json_response: Callabl
         # One broadcast per tensor (or one bucket), each bounded by the group timeout.
         per_op = group_timeouts.get(fields["group_name"], CONTROL_TIMEOUT_S)
         count = 1 if fields["load_format"] == "flattened_bucket" else len(fields["names"])
-        return answer(await tm.control(UpdateWeightsFromDistributedReq, per_op * count + GROUP_MARGIN_S, **fields))
+        timeout = per_op * count + GROUP_MARGIN_S
+        return answer(await engine_client.control(UpdateWeightsFromDistributedReq, timeout, **fields))
 
     async def destroy_group(request: Request) -> Response:
         fields = parse_destroy_group(await body_of(request))
-        result = await tm.control(DestroyWeightsUpdateGroupReq, CONTROL_TIMEOUT_S, **fields)
+        result = await engine_client.control(DestroyWeightsUpdateGroupReq, CONTROL_TIMEOUT_S, **fields)
         group_timeouts.pop(fields["group_name"], None)
         return answer(result)
 
     async def get_weights_by_name(request: Request) -> Response:
         fields = parse_get_weights(await body_of(request))
-        result = await tm.control(GetWeightsByNameReq, CONTROL_TIMEOUT_S, **fields)
+        result = await engine_client.control(GetWeightsByNameReq, CONTROL_TIMEOUT_S, **fields)
         if not result.success:
             return error_response(result.message, 400)
         return json_response(result.parameter)
 
     async def continue_generation(request: Request) -> Response:
         await body_of(request)  # a body that is not JSON is still a 400
-        return answer(await tm.control(ContinueGenerationReq, CONTROL_TIMEOUT_S))
+        return answer(await engine_client.control(ContinueGenerationReq, CONTROL_TIMEOUT_S))
 
     routes: list[tuple[str, Any, list[str]]] = [
         ("/update_weights_from_disk", update_from_disk, ["POST"]),

@@ -13,40 +13,40 @@ import time
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from rollout.http_server import _watch_disconnect, json_response
-from rollout.schemas import BadRequest, parse_json_body
-from rollout.scoring_schemas import parse_encode, parse_rerank, parse_score
-from rollout.tokenizer_manager import ClientDisconnected, TokenizerManager
+from rollout.server.engine_client import ClientDisconnected, EngineClient
+from rollout.server.responses import json_response, watch_disconnect
+from rollout.server.schemas import BadRequest, parse_json_body
+from rollout.server.scoring_schemas import parse_encode, parse_rerank, parse_score
 from runtime.scoring_input import (NEEDS_CROSS_ENCODER, NEEDS_EMBEDDING, NEEDS_GENERATION, ModelLimits,
                                    NormalizedScoring, is_cross_encoder, model_limits, normalize_embed,
                                    normalize_rerank, normalize_score, rerank_results)
 from runtime.scoring_output import ScoringAborted, ScoringCollector
 
 
-def add_scoring_routes(app: FastAPI, tm: TokenizerManager) -> None:
+def add_scoring_routes(app: FastAPI, engine_client: EngineClient) -> None:
     traits: dict[str, object] = {}
 
     def limits() -> ModelLimits:
-        tm.check_available()
+        engine_client.check_available()
         if "limits" not in traits:  # the engine's vocabulary and context are known once it is ready
-            traits["limits"] = model_limits(tm.hf_config, tm.args.is_embedding, tm.info.vocab_size,
-                                            tm.info.context_len)
-            traits["cross_encoder"] = is_cross_encoder(tm.hf_config, tm.args.is_embedding)
+            traits["limits"] = model_limits(engine_client.hf_config, engine_client.args.is_embedding,
+                                            engine_client.info.vocab_size, engine_client.info.context_len)
+            traits["cross_encoder"] = is_cross_encoder(engine_client.hf_config, engine_client.args.is_embedding)
         return traits["limits"]
 
     async def run(request: Request, norm: NormalizedScoring, start: float) -> list[ScoringCollector]:
         collectors = norm.collectors(start)
         try:
-            call = tm.submit_builders(collectors, norm.is_batch)
+            call = engine_client.submit_builders(collectors, norm.is_batch)
         except ValueError as e:  # an rid already in flight
             raise BadRequest(str(e)) from None
-        watcher = asyncio.ensure_future(_watch_disconnect(request, tm, call))
+        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
         try:
-            await tm.wait(call)
+            await engine_client.wait(call)
         finally:
             watcher.cancel()
             if not call.finished:
-                tm.abandon(call)
+                engine_client.abandon(call)
         return collectors
 
     def checked(fn, *args):
@@ -60,10 +60,10 @@ def add_scoring_routes(app: FastAPI, tm: TokenizerManager) -> None:
         start = time.monotonic()
         lim = limits()
         route = request.url.path
-        if not tm.args.is_embedding:
+        if not engine_client.args.is_embedding:
             raise BadRequest(NEEDS_EMBEDDING.format(route=route))
         f = parse_encode(parse_json_body(await request.body()), route)
-        norm = checked(normalize_embed, f["text"], f["input_ids"], f["rid"], tm.tokenizer, lim)
+        norm = checked(normalize_embed, f["text"], f["input_ids"], f["rid"], engine_client.tokenizer, lim)
         try:
             collectors = await run(request, norm, start)
         except ClientDisconnected:
@@ -73,29 +73,30 @@ def add_scoring_routes(app: FastAPI, tm: TokenizerManager) -> None:
 
     async def score(request: Request) -> Response:
         lim = limits()
-        if tm.args.is_embedding:
+        if engine_client.args.is_embedding:
             raise BadRequest(NEEDS_GENERATION.format(route="/v1/score"))
         f = parse_score(parse_json_body(await request.body()))
         norm = checked(normalize_score, f["query"], f["items"], f["label_token_ids"], f["apply_softmax"],
-                       f["item_first"], tm.tokenizer, lim)
+                       f["item_first"], engine_client.tokenizer, lim)
         try:
             collectors = await run(request, norm, time.monotonic())
         except ClientDisconnected:
             return Response(status_code=499)
         scores = [checked(c.label_scores, f["label_token_ids"], f["apply_softmax"]) for c in collectors]
         prompt_tokens = sum(c.prompt_tokens for c in collectors)
-        return json_response({"scores": scores, "model": f["model"] or tm.args.model_path, "object": "scoring",
+        return json_response({"scores": scores, "model": f["model"] or engine_client.args.model_path,
+                              "object": "scoring",
                               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
                                         "total_tokens": prompt_tokens}})
 
     async def rerank(request: Request) -> Response:
         lim = limits()
         if not traits["cross_encoder"]:
-            archs = getattr(tm.hf_config, "architectures", None)
+            archs = getattr(engine_client.hf_config, "architectures", None)
             raise BadRequest(NEEDS_CROSS_ENCODER.format(route="/v1/rerank", archs=archs))
         f = parse_rerank(parse_json_body(await request.body()))
         norm = checked(normalize_rerank, f["query"], f["documents"], f["top_n"], f["return_documents"],
-                       tm.tokenizer, lim)
+                       engine_client.tokenizer, lim)
         try:
             collectors = await run(request, norm, time.monotonic())
         except ClientDisconnected:

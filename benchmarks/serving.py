@@ -1,4 +1,4 @@
-"""`python -m rollout.bench_serving`: the HTTP server beside the in-process Engine, on the same work.
+"""`python -m benchmarks.serving`: the HTTP server beside the in-process Engine, on the same work.
 
 Launches `python -m rollout.launch_server` (token ids in and out: --skip-tokenizer-init; or --url for a
 server already running, which should then be idle and alone on the machine), sweeps the
@@ -10,8 +10,8 @@ server / engine; then the added latency of a one-token request (server p50 - eng
 Small defaults (a few minutes on a 2-core CPU for SmolLM2, under a minute with --tiny); the numbers only mean something on a quiet
 machine. `--tiny` benchmarks a tiny random model instead (front-end overhead dominates there).
 
-    python -m rollout.bench_serving                                  # SmolLM2-135M, concurrency 1,8,64
-    python -m rollout.bench_serving --concurrency 1,16,64,128 --requests-per-level 256 --new-tokens 128
+    python -m benchmarks.serving                                  # SmolLM2-135M, concurrency 1,8,64
+    python -m benchmarks.serving --concurrency 1,16,64,128 --requests-per-level 256 --new-tokens 128
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 import requests
 import torch
 
-from rollout.testing import ServerProcess, make_tiny_model_dir
+import rollout
+from tests.helpers import make_tiny_model_dir
 
 
 @dataclass
@@ -197,9 +198,6 @@ def main() -> None:
     params = {"max_new_tokens": args.new_tokens, "ignore_eos": True, "temperature": 1.0}
     one_params = {"max_new_tokens": 1, "temperature": 0.0}
     warm = make_prompts(8, args.prompt_len, vocab, seed=99)
-    engine_args = ["--max-total-tokens", str(args.max_total_tokens)]
-    if args.num_threads:
-        engine_args += ["--num-threads", str(args.num_threads)]
 
     results: list[LevelResult] = []
     # Server first, then the in-process engine: never both at once on the same cores.
@@ -207,8 +205,8 @@ def main() -> None:
         launched = contextlib.nullcontext()
         host, port = urllib.parse.urlsplit(args.url).hostname, urllib.parse.urlsplit(args.url).port or 80
     else:
-        launched = ServerProcess(["--model-path", args.model_path, "--skip-tokenizer-init", "--log-level",
-                                  "warning", *engine_args])
+        launched = rollout.LocalServer(args.model_path, skip_tokenizer_init=True, log_level="warning",
+                                       max_total_tokens=args.max_total_tokens, num_threads=args.num_threads)
     with launched as server:
         if server is not None:
             host, port = "127.0.0.1", server.port

@@ -13,9 +13,9 @@ import asyncio
 import threading
 from typing import Any, Coroutine, Iterable, Sequence, TypeVar
 
-from rollout.async_client import AsyncRolloutClient
-from rollout.broadcast_group import BroadcastGroup
-from rollout.client_results import EncodeResult, GenerateResult, ServerReply
+from rollout.client.async_client import AsyncRolloutClient
+from rollout.client.broadcast_group import BroadcastGroup
+from rollout.client.results import EncodeResult, GenerateResult, ServerReply
 
 T = TypeVar("T")
 

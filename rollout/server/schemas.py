@@ -59,7 +59,7 @@ SGLANG_UNSUPPORTED_FIELDS = {"input_embeds", "image_data", "video_data", "audio_
                              "require_reasoning", "background"}
 
 
-def _is_empty(value: Any) -> bool:
+def is_empty(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
 
 
@@ -90,7 +90,7 @@ def _int(name: str, value: Any) -> int:
     return value
 
 
-def _check_ints(prefix: str, value: Any) -> None:
+def check_ints(prefix: str, value: Any) -> None:
     """No integer beyond 64 bits gets past the front end (the engine's wire format is msgpack)."""
     if isinstance(value, bool):
         return
@@ -99,10 +99,10 @@ def _check_ints(prefix: str, value: Any) -> None:
             raise BadRequest(f"{prefix} is out of range (64-bit integers), got {value}.")
     elif isinstance(value, list):
         for v in value:
-            _check_ints(prefix, v)
+            check_ints(prefix, v)
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_ints(f"{prefix}.{k}", v)
+            check_ints(f"{prefix}.{k}", v)
 
 
 def _num_prompts(body: dict[str, Any]) -> int:
@@ -119,7 +119,7 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
         if key in GENERATE_FIELDS or key in SGLANG_IGNORED_FIELDS:
             continue
         if key in SGLANG_UNSUPPORTED_FIELDS:
-            if not _is_empty(value):
+            if not is_empty(value):
                 raise BadRequest(f"{key} is not supported by this server, got {key}={short(value)}.")
             continue
         raise BadRequest(f"Unknown field in the request body: {key}={short(value)}.")
@@ -130,7 +130,7 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
     sp = body.get("sampling_params")
     if sp is not None and not isinstance(sp, (dict, list)):
         raise BadRequest(f"sampling_params must be an object (or a list of objects, one per prompt), got {short(sp)}.")
-    _check_ints("sampling_params", sp)
+    check_ints("sampling_params", sp)
     max_n = 1
     for one in sp if isinstance(sp, list) else [sp]:
         if isinstance(one, dict) and isinstance(one.get("n"), int):

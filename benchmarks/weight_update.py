@@ -1,11 +1,13 @@
-"""Weight-update speed against the raw operations underneath, in one run: `python -m sync.bench`.
+"""Weight-update speed against the raw operations underneath, in one run: `python -m benchmarks.weight_update`.
 
 - disk: Engine.update_weights_from_disk (validate headers, copy in place, flush) vs reading the same
   safetensors tensors and `copy_` into the same parameters.
 - broadcast: a trainer process pushes every weight in gloo buckets, received by Engine.update_weights_
   from_distributed (one request per bucket) vs one raw `dist.broadcast` of the same bytes as one flat
   tensor between the same two processes, on the same group.
-- control: pause_generation + a zero-byte update + continue_generation, in ms.
+- control: pause_generation + a zero-byte update + continue_generation, in ms, under load: generation
+  requests are in flight the whole time, so the pause waits for the running step as it does when a
+  trainer pushes weights during rollouts (the idle-engine figure is printed beside it).
 
 Goals (issue 4): disk at most 1.3x raw, broadcast at most 1.2x raw, control at most 50 ms. Defaults to
 SmolLM2-135M in fp32 (about 540 MB); `--tiny` runs a small random model to check the script works.
@@ -18,6 +20,7 @@ import json
 import multiprocessing as mp
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -84,7 +87,7 @@ def bench_disk(eng, model_path: str, repeats: int) -> tuple[float, float]:
 
 def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int,
                     flat_params: bool) -> tuple[float, float, int, dict[str, int]]:
-    from rollout.testing import free_port
+    from rollout.client.local_server import free_port
     from sync import plan_buckets
     from sync.sender import VIEW_BUCKET_BYTES
 
@@ -126,15 +129,44 @@ def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int,
     return _best(ours), _best(raw), total, paths
 
 
-def bench_control(eng, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        assert eng.pause_generation("in_place")[0]
-        assert eng.update_weights_from_tensor([])[0]
-        assert eng.continue_generation()[0]
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+def _control_ms(eng) -> float:
+    t0 = time.perf_counter()
+    assert eng.pause_generation("in_place")[0]
+    assert eng.update_weights_from_tensor([])[0]
+    assert eng.continue_generation()[0]
+    return (time.perf_counter() - t0) * 1000
+
+
+def bench_control(eng, repeats: int, load_threads: int = 2) -> tuple[float, float]:
+    """Median ms of pause + zero-byte update + continue: under load (requests generating), and idle."""
+    idle = statistics.median(_control_ms(eng) for _ in range(repeats))
+    vocab = eng.runner.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(200, vocab, (32,), generator=gen).tolist() for _ in range(4)]
+    params = {"max_new_tokens": 32, "temperature": 1.0, "ignore_eos": True}
+    stop = threading.Event()
+    steps_started = threading.Event()
+
+    def load() -> None:  # back-to-back batches: some request is generating at every moment
+        while not stop.is_set():
+            steps_started.set()
+            eng.generate(input_ids=prompts, sampling_params=params)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(load_threads)]
+    for t in threads:
+        t.start()
+    try:
+        steps_started.wait()
+        time.sleep(0.5)  # past the first prefill: decode steps are running
+        loaded = []
+        for _ in range(repeats):
+            loaded.append(_control_ms(eng))
+            time.sleep(0.01)  # let a few steps run between controls
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return statistics.median(loaded), idle
 
 
 def main() -> None:
@@ -152,7 +184,7 @@ def main() -> None:
 
     tmp = None
     if args.tiny:
-        from rollout.testing import make_tiny_model_dir
+        from tests.helpers import make_tiny_model_dir
         tmp = tempfile.TemporaryDirectory()
         model_path = make_tiny_model_dir(tmp.name, hidden_size=64, num_layers=2)
     elif args.model_path:
@@ -167,7 +199,7 @@ def main() -> None:
         bucket_bytes = int(args.bucket_mb * 2**20)
         bc, bc_raw, nbytes, paths = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=True)
         bc_copy, bc_copy_raw, _, _ = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=False)
-        control_ms = bench_control(eng, max(args.repeats * 10, 20))
+        control_ms, control_idle_ms = bench_control(eng, max(args.repeats * 10, 20))
     finally:
         eng.shutdown()
         if tmp is not None:
@@ -179,7 +211,7 @@ def main() -> None:
         "broadcast_receive": args.receive, "broadcast_paths": paths,
         "broadcast_unflat_trainer_s": bc_copy, "broadcast_unflat_trainer_raw_s": bc_copy_raw,
         "broadcast_unflat_trainer_ratio": bc_copy / bc_copy_raw,
-        "control_ms": control_ms,
+        "control_ms": control_ms, "control_idle_ms": control_idle_ms,
         "goals_met": {"disk<=1.3x": disk / disk_raw <= 1.3, "broadcast<=1.2x": bc / bc_raw <= 1.2,
                       "control<=50ms": control_ms <= 50},
     }
@@ -194,7 +226,8 @@ def main() -> None:
           f"{bc_copy / bc_copy_raw:5.2f} (trainer params separate: the sender copies each bucket)")
     print(f"                  receive mode {args.receive}; buckets per path: "
           + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())))
-    print(f"control           {control_ms:8.2f} ms  pause + zero-byte update + continue (goal <= 50 ms)")
+    print(f"control           {control_ms:8.2f} ms  pause + zero-byte update + continue, requests in flight "
+          f"(goal <= 50 ms; idle engine {control_idle_ms:.2f} ms)")
 
 
 if __name__ == "__main__":

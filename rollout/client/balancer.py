@@ -6,7 +6,7 @@ import itertools
 import threading
 from typing import Sequence
 
-from rollout.server_connection import ServerConnection
+from rollout.client.server_connection import ServerConnection
 
 
 class Balancer:

@@ -1,6 +1,6 @@
 """The routes of API.md (generation, info, health, tokens, cache, abort) on FastAPI.
 
-Bodies are parsed by rollout/schemas.py, never by FastAPI's validation, so a bad body is a 400
+Bodies are parsed by rollout/server/schemas.py, never by FastAPI's validation, so a bad body is a 400
 `{"error": {"message": ...}}` and never a 422. A dead or silent engine is a 503 with the reason.
 """
 
@@ -13,16 +13,17 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
-from rollout.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
-                             parse_timeout, parse_tokenize)
-from rollout.tokenizer_manager import ClientDisconnected, EngineUnavailable, GenerateCall, TokenizerManager
-from rollout.weight_routes import add_weight_routes
+from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall
+from rollout.server.responses import encode_json, error_response, json_response, watch_disconnect
+from rollout.server.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
+                                    parse_timeout, parse_tokenize)
+from rollout.server.scoring_routes import add_scoring_routes
+from rollout.server.weight_routes import add_weight_routes
 from runtime.scoring_input import NEEDS_GENERATION
 
 logger = logging.getLogger(__name__)
@@ -32,16 +33,6 @@ FLUSH_OK_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (W
 HEALTH_TIMEOUT_S = 20.0
 INFO_TIMEOUT_S = 30.0
 
-_encoder = msgspec.json.Encoder()
-
-
-def json_response(obj: Any, status_code: int = 200) -> Response:
-    return Response(_encoder.encode(obj), status_code=status_code, media_type="application/json")
-
-
-def error_response(message: str, status_code: int) -> Response:
-    return json_response({"error": {"message": message}}, status_code)
-
 
 def _version() -> str:
     try:
@@ -49,17 +40,6 @@ def _version() -> str:
         return version("rl-rollout")
     except Exception:
         return "unknown"
-
-
-async def _watch_disconnect(request: Request, tm: TokenizerManager, call: GenerateCall) -> None:
-    """Abort the call in the engine as soon as its client disconnects (the body is already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            break
-    if not call.finished:
-        logger.debug("Client of %s disconnected; aborting.", call.rids[:3])
-        tm.disconnect(call)
 
 
 class ApiKeyMiddleware:
@@ -83,19 +63,19 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
+def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
-            await tm.start(engine)
+            await engine_client.start(engine)
         try:
             yield
         finally:
-            await tm.close()
+            await engine_client.close()
 
     app = FastAPI(title="rl-rollout", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.tm = tm
+    app.state.engine_client = engine_client
 
     # --- errors ---------------------------------------------------------------------------------
 
@@ -124,53 +104,53 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
 
     async def generate(request: Request) -> Response:
         start = time.monotonic()
-        tm.check_available()
-        if tm.args.is_embedding:
+        engine_client.check_available()
+        if engine_client.args.is_embedding:
             raise BadRequest(NEEDS_GENERATION.format(route="/generate"))
         body = parse_json_body(await request.body())
-        inp = parse_generate(body, tm.info.vocab_size)
+        inp = parse_generate(body, engine_client.info.vocab_size)
         try:
-            norm = tm.normalize(inp)
+            norm = engine_client.normalize(inp)
         except ValueError as e:  # runtime/generate_input.py's checks, with API.md's messages
             raise BadRequest(str(e)) from None
-        if tm.tokenizer is None:
+        if engine_client.tokenizer is None:
             for r in norm.requests:
                 if r.sampling_params.stop:
                     raise BadRequest(f"sampling_params.stop={r.sampling_params.stop!r} needs the tokenizer, but the "
                                      "server runs with --skip-tokenizer-init; use stop_token_ids.")
         try:
-            call = tm.submit(norm, inp.return_text_in_logprobs, inp.stream, start)
+            call = engine_client.submit(norm, inp.return_text_in_logprobs, inp.stream, start)
         except ValueError as e:  # an rid already in flight
             raise BadRequest(str(e)) from None
         if inp.stream:
             return StreamingResponse(_sse(request, call), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.ensure_future(_watch_disconnect(request, tm, call))
+        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
         try:
-            results = await tm.wait(call)
+            results = await engine_client.wait(call)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it
         finally:
             watcher.cancel()
             if not call.finished:
-                tm.abandon(call)
+                engine_client.abandon(call)
         return json_response(results if call.is_batch else results[0])
 
     async def _sse(request: Request, call: GenerateCall) -> AsyncIterator[bytes]:
         # Starlette also cancels this generator when the client leaves (ASGI spec < 2.4); the watcher
         # makes the abort independent of that.
-        watcher = asyncio.ensure_future(_watch_disconnect(request, tm, call))
+        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
         try:
-            async for chunk in tm.stream(call):
-                yield b"data: " + _encoder.encode(chunk) + b"\n\n"
+            async for chunk in engine_client.stream(call):
+                yield b"data: " + encode_json(chunk) + b"\n\n"
         except EngineUnavailable as e:
-            yield b"data: " + _encoder.encode({"error": {"message": str(e)}}) + b"\n\n"
+            yield b"data: " + encode_json({"error": {"message": str(e)}}) + b"\n\n"
         except ClientDisconnected:
             return
         finally:
             watcher.cancel()
             if not call.finished:  # the client went away (the response task was cancelled)
-                tm.abandon(call)
+                engine_client.abandon(call)
         yield b"data: [DONE]\n\n"
 
     app.add_api_route("/generate", generate, methods=["POST", "PUT"])
@@ -178,22 +158,22 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     # --- info -----------------------------------------------------------------------------------
 
     async def model_info(request: Request) -> Response:
-        tm.check_available()
-        return json_response(tm.model_info())
+        engine_client.check_available()
+        return json_response(engine_client.model_info())
 
     async def server_info(request: Request) -> Response:
-        tm.check_available()
-        state = await tm.server_state(INFO_TIMEOUT_S)
-        args = tm.args.to_dict()
+        engine_client.check_available()
+        state = await engine_client.server_state(INFO_TIMEOUT_S)
+        args = engine_client.args.to_dict()
         if args.get("api_key"):
             args["api_key"] = "<hidden>"
         info = dict(args)
         info.update({
-            "max_total_num_tokens": tm.info.max_total_num_tokens,
-            "max_req_input_len": tm.info.context_len - 1,
-            "context_length": tm.info.context_len,
-            "vocab_size": tm.info.vocab_size,
-            "weight_version": tm.weight_version,
+            "max_total_num_tokens": engine_client.info.max_total_num_tokens,
+            "max_req_input_len": engine_client.info.context_len - 1,
+            "context_length": engine_client.info.context_len,
+            "vocab_size": engine_client.info.vocab_size,
+            "weight_version": engine_client.weight_version,
             "version": _version(),
             "internal_states": [state],
         })
@@ -207,11 +187,11 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     # --- health ---------------------------------------------------------------------------------
 
     async def health(request: Request) -> Response:
-        await tm.health(HEALTH_TIMEOUT_S)
+        await engine_client.health(HEALTH_TIMEOUT_S)
         return Response(status_code=200)
 
     async def health_generate(request: Request) -> Response:
-        await tm.health_generate(HEALTH_TIMEOUT_S)
+        await engine_client.health_generate(HEALTH_TIMEOUT_S)
         return Response(status_code=200)
 
     app.add_api_route("/health", health, methods=["GET"])
@@ -222,7 +202,7 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     async def flush_cache(request: Request) -> Response:
         body = parse_json_body(await request.body(), allow_empty=True)
         timeout = parse_timeout(request.query_params.get("timeout", body.get("timeout")))
-        result = await tm.flush_cache(timeout)
+        result = await engine_client.flush_cache(timeout)
         if result.success:
             return Response(FLUSH_OK_TEXT, status_code=200, media_type="text/plain")
         return error_response(result.message or "Cache not flushed: there are running or waiting requests.", 400)
@@ -230,9 +210,9 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     async def abort_request(request: Request) -> Response:
         rid, abort_all = parse_abort(parse_json_body(await request.body(), allow_empty=True))
         if rid or abort_all:
-            tm.abort(rid, abort_all)
+            engine_client.abort(rid, abort_all)
         else:
-            tm.check_available()
+            engine_client.check_available()
         return Response(status_code=200)
 
     app.add_api_route("/flush_cache", flush_cache, methods=["GET", "POST"])
@@ -241,10 +221,10 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     # --- tokens ---------------------------------------------------------------------------------
 
     def _tokenizer() -> Any:
-        tm.check_available()
-        if tm.tokenizer is None:
+        engine_client.check_available()
+        if engine_client.tokenizer is None:
             raise BadRequest("This route needs the tokenizer, but the server runs with --skip-tokenizer-init.")
-        return tm.tokenizer
+        return engine_client.tokenizer
 
     async def tokenize(request: Request) -> Response:
         tokenizer = _tokenizer()
@@ -255,11 +235,11 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
         else:
             tokens = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             count = len(tokens)
-        return json_response({"tokens": tokens, "count": count, "max_model_len": tm.info.context_len})
+        return json_response({"tokens": tokens, "count": count, "max_model_len": engine_client.info.context_len})
 
     async def detokenize(request: Request) -> Response:
         tokenizer = _tokenizer()
-        tokens, skip = parse_detokenize(parse_json_body(await request.body()), tm.info.vocab_size)
+        tokens, skip = parse_detokenize(parse_json_body(await request.body()), engine_client.info.vocab_size)
         if tokens and isinstance(tokens[0], list):
             text: Any = [tokenizer.decode(t, skip_special_tokens=skip) for t in tokens]
         else:
@@ -269,11 +249,10 @@ def create_app(tm: TokenizerManager, engine: Any = None) -> FastAPI:
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
 
-    # --- weight updates and generation control (rollout/weight_routes.py) ------------------------
-    add_weight_routes(app, tm, json_response, error_response)
-    from rollout.scoring_routes import add_scoring_routes  # imports this module's helpers
-    add_scoring_routes(app, tm)
+    # --- weight updates and generation control (rollout/server/weight_routes.py) ------------------------
+    add_weight_routes(app, engine_client)
+    add_scoring_routes(app, engine_client)
 
-    if tm.args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=tm.args.api_key)
+    if engine_client.args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=engine_client.args.api_key)
     return app

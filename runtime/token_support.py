@@ -1,5 +1,4 @@
-"""Which tokens a sampling step may pick: the grammar's allowed set going in, and the support actually
-sampled from (after top-k / top-p / min-p truncation) coming out, for `return_sampling_mask`."""
+"""The tokens a constrained sampling step may pick: a grammar's allowed set for some rows of a batch."""
 
 from __future__ import annotations
 
@@ -7,18 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.row_select import long_tensor
-
 
 @dataclass
 class AllowedTokens:
-    """For the batch rows listed in `rows`, the tokens they may take next (bool [len(rows), V])."""
+    """Rows `rows` of a batch may only take the tokens whose bits are set in `bitmask`, xgrammar's packed
+    int32 [batch, ceil(V / 32)] layout (bit b of word w: token 32 * w + b); other rows are free."""
 
     rows: list[int]
-    mask: torch.Tensor
+    bitmask: torch.Tensor
 
     def apply(self, logits: torch.Tensor) -> None:
-        """Disallowed tokens of the listed rows get -inf, in place; other rows are not touched."""
-        idx = long_tensor(self.rows, logits.device)
-        mask = self.mask.to(logits.device)
-        logits[idx] = logits[idx].masked_fill(~mask[:, : logits.shape[1]], float("-inf"))
+        """Disallowed tokens of the listed rows get -inf, in place, on the packed bits directly (xgrammar's
+        kernel for the logits' device: no [rows, V] boolean mask is built); other rows are not touched."""
+        from xgrammar import apply_token_bitmask_inplace  # only grammar.py builds these, so it is installed
+
+        apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=logits.shape[1], indices=self.rows)

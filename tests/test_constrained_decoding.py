@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 
 from runtime.engine import Engine
 from runtime.grammar import GrammarCache
+from runtime.token_support import AllowedTokens
 from tests.helpers import ServerProcess, make_tiny_model_dir
 
 EMAIL = r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)"
@@ -169,6 +171,24 @@ def test_grammar_cache_reuses_and_bounds(model_dir: str):
     assert cache.misses == 4                   # the ebnf grammar had been dropped and was compiled again
     with pytest.raises(ValueError, match="sampling_params.regex"):
         cache.compiled("regex", "(")
+
+
+def test_allowed_tokens_apply_matches_a_torch_reference():
+    """xgrammar's packed-bitmask kernel against unpacking the bits by hand: listed rows get -inf exactly
+    where their bit is clear, other rows are untouched."""
+    gen = torch.Generator().manual_seed(0)
+    batch, vocab = 5, 1000  # not a multiple of 32: the last word is partial
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, words), dtype=torch.int32, generator=gen)
+    logits = torch.randn(batch, vocab, generator=gen)
+    rows = [0, 2, 3]
+    ours = logits.clone()
+    AllowedTokens(rows=rows, bitmask=bitmask).apply(ours)
+    bits = ((bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(batch, -1)[:, :vocab].bool()
+    ref = logits.clone()
+    for r in rows:
+        ref[r] = ref[r].masked_fill(~bits[r], float("-inf"))
+    assert torch.equal(ours, ref)
 
 
 def test_retraction_keeps_the_matcher_state(model_dir: str):

@@ -3,7 +3,7 @@
 One workload (P prompts, n samples each, up to T new tokens, temperature 1) run three ways by the same
 Engine: unconstrained (the baseline), with a regex, and with a JSON schema. The regex and schema are
 loose enough that requests mostly run to T tokens; since a grammar may still end a request early, the
-figure is wall time per output token. Prints ms/token of each and the ratio to the baseline. Each
+figure is wall time per output token, the best of --repeats interleaved runs. Prints ms/token of each and the ratio to the baseline. Each
 constrained run comes after a warm-up request with the same grammar, so the grammar cache is hot; the
 cold cost (tokenizer scan plus compilation) is printed on its own.
 
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,11 +57,15 @@ def main() -> None:
             per_token(engine, prompts[:1], 1, 1, {"regex": REGEX})
             cold = time.perf_counter() - start
             per_token(engine, prompts[:1], 1, 1, {"json_schema": json.dumps(SCHEMA)})
-            base, base_tokens = per_token(engine, prompts, args.n, args.new_tokens, {})
-            rows = [("unconstrained", base, base_tokens)]
-            for name, extra in (("regex", {"regex": REGEX}), ("json_schema", {"json_schema": json.dumps(SCHEMA)})):
-                sec, tokens = per_token(engine, prompts, args.n, args.new_tokens, extra)
-                rows.append((name, sec, tokens))
+            runs = {"unconstrained": {}, "regex": {"regex": REGEX}, "json_schema": {"json_schema": json.dumps(SCHEMA)}}
+            best: dict[str, tuple[float, int]] = {}
+            for _ in range(args.repeats):  # interleaved, best of each: a shared machine's noise hits all alike
+                for name, extra in runs.items():
+                    sec, tokens = per_token(engine, prompts, args.n, args.new_tokens, extra)
+                    if name not in best or sec < best[name][0]:
+                        best[name] = (sec, tokens)
+            base = best["unconstrained"][0]
+            rows = [(name, sec, tokens) for name, (sec, tokens) in best.items()]
     print(f"workload: {args.prompts} prompts x n={args.n}, up to {args.new_tokens} new tokens, "
           f"model {args.model_path or 'tiny random (vocab 49152)'}")
     print(f"first constrained request (tokenizer scan + compile + 1 token): {cold * 1e3:.0f} ms")

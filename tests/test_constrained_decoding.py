@@ -8,6 +8,7 @@ the grammar's state; bad grammars are 400s naming the field.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -191,9 +192,11 @@ def test_allowed_tokens_apply_matches_a_torch_reference():
     assert torch.equal(ours, ref)
 
 
-def test_retraction_keeps_the_matcher_state(model_dir: str):
+def test_retraction_keeps_the_matcher_state(model_dir: str, caplog: pytest.LogCaptureFixture):
     """Retracted requests recompute their KV and keep their output and grammar state: under tight memory
-    the greedy outputs equal those of a roomy engine and still match."""
+    (requests retracted midway through their output) the greedy outputs equal those of a roomy engine
+    and still match."""
+    caplog.set_level(logging.DEBUG, logger="runtime.scheduler")
     regex = r"(ab|cd|ef)(,(ab|cd|ef)){10,40}"
     prompts = [f"List number {i}: " + "word " * (6 + 5 * i) for i in range(6)]
     sp = {"regex": regex, "temperature": 0, "max_new_tokens": 100}
@@ -204,6 +207,8 @@ def test_retraction_keeps_the_matcher_state(model_dir: str):
     with Engine(model_dir, context_length=160, max_total_tokens=200, chunked_prefill_size=64, **kw) as tight:
         out = tight.generate(prompts, sampling_params=sp)
         assert tight.scheduler.num_retractions > 0
+    midway = [int(m.group(1)) for m in re.finditer(r"Retracted \S+ with (\d+) output tokens", caplog.text)]
+    assert max(midway) > 0, midway
     assert [o["output_ids"] for o in out] == [r["output_ids"] for r in ref]
     for o in out:
         assert re.fullmatch(regex, o["text"]), o["text"]

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import sys
 from typing import Any
 
 import pytest
@@ -156,6 +157,20 @@ def test_bad_grammars_are_value_errors_naming_the_field(eng: Engine):
         with pytest.raises(ValueError, match=re.escape(needle)):
             eng.generate("x", sampling_params={**sp, "max_new_tokens": 4})
     assert re.fullmatch(YES_NO, eng.generate("x", sampling_params={"regex": YES_NO})["text"])
+
+
+def test_missing_xgrammar_or_tokenizer_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+    from runtime.generate_input import GenerateInput, normalize_generate
+    from runtime.grammar import INSTALL_HINT
+
+    inp = GenerateInput(input_ids=[5, 6, 7], sampling_params={"regex": YES_NO})
+    with pytest.raises(ValueError, match="--skip-tokenizer-init"):
+        normalize_generate(inp, None, 49152, 4096)
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # what `import xgrammar` sees when it is not installed
+    with pytest.raises(ValueError, match=re.escape(INSTALL_HINT)):
+        normalize_generate(inp, lambda text: [5], 49152, 4096)
+    # Unconstrained requests never need it.
+    assert len(normalize_generate(GenerateInput(input_ids=[5]), None, 49152, 4096).requests) == 1
 
 
 def test_grammar_cache_reuses_and_bounds(model_dir: str):

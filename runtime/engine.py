@@ -135,11 +135,13 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
                  sampling_params: dict | list[dict] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, token_ids_logprob: list[int] | None = None,
                  stream: bool = False, rid: str | list[str] | None = None,
-                 return_text_in_logprobs: bool = False) -> dict | list[dict] | Iterator[dict]:
+                 return_text_in_logprobs: bool = False,
+                 return_sampling_mask: bool = False) -> dict | list[dict] | Iterator[dict]:
         inp = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
                             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                             top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
-                            return_text_in_logprobs=return_text_in_logprobs, stream=stream)
+                            return_text_in_logprobs=return_text_in_logprobs, stream=stream,
+                            return_sampling_mask=return_sampling_mask)
         norm = self._normalize(inp)
         unusable = self.scheduler.unusable
         if unusable is not None:  # HTTP answers 503 with the same message

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import msgspec
 
+from runtime.grammar import check_grammar, grammar_spec
 from runtime.messages import GenerateRequest
 from runtime.sampling_params import SamplingParams
 
@@ -28,6 +29,7 @@ class GenerateInput:
     token_ids_logprob: list[int] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
+    return_sampling_mask: bool = False
 
 
 @dataclass
@@ -84,6 +86,11 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
     params = [SamplingParams.from_dict(sp) for sp in sp_list]
     for sp in params:
         sp.validate(vocab_size)
+        if grammar_spec(sp) is not None:
+            if tokenize is None:
+                raise ValueError("sampling_params.regex, json_schema and ebnf need the tokenizer; the server runs "
+                                 "with --skip-tokenizer-init.")
+            check_grammar(sp)
 
     if not isinstance(inp.logprob_start_len, int) or inp.logprob_start_len < -1:
         raise ValueError(f"logprob_start_len must be -1 or a position in the prompt, got {inp.logprob_start_len}.")
@@ -110,7 +117,7 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
                 rid=rid if sp.n == 1 else f"{rid}_{j}", input_ids=prompt, sampling_params=_sibling_params(sp, j),
                 return_logprob=inp.return_logprob, logprob_start_len=inp.logprob_start_len,
                 top_logprobs_num=inp.top_logprobs_num, token_ids_logprob=inp.token_ids_logprob,
-                stream=inp.stream))
+                stream=inp.stream, return_sampling_mask=inp.return_sampling_mask))
     seen: set[str] = set()
     for r in requests:
         if r.rid in seen:

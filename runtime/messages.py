@@ -22,6 +22,7 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     top_logprobs_num: int = 0
     token_ids_logprob: list[int] | None = None
     stream: bool = False
+    return_sampling_mask: bool = False   # report each output token's sampling support (runtime/token_support.py)
 
 
 class EmbedRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -76,6 +77,8 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
     input_top_logprobs: list[list[LogprobEntry] | None] | None = None
     input_token_ids_logprobs: list[list[LogprobEntry] | None] | None = None
     embedding: list[float] | None = None   # an EmbedRequest's result, with its final output
+    # Aligned with new_token_ids when the request asked for them: kept token ids, None = no truncation.
+    output_sampling_masks: list[list[int] | None] = []
 
 
 SchedulerInput = GenerateRequest | EmbedRequest | AbortRequest | FlushCacheRequest

@@ -28,6 +28,8 @@ class Request:
     top_logprobs_num: int = 0
     token_ids_logprob: list[int] | None = None
     stream: bool = False
+    return_sampling_mask: bool = False
+    grammar: Any = None  # a RequestGrammar (runtime/grammar.py) for a constrained request
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -56,6 +58,7 @@ class Request:
     output_top_logprobs: list[Any] = field(default_factory=list)
     output_token_ids_logprobs: list[Any] = field(default_factory=list)
     output_weight_versions: list[str] = field(default_factory=list)
+    output_sampling_masks: list[list[int] | None] = field(default_factory=list)
 
     # An EmbedRequest: no token is sampled; the head's output at the last prompt token is the answer.
     embed: bool = False
@@ -70,7 +73,7 @@ class Request:
         req = cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling_params=msg.sampling_params, seed=seed,
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
                   top_logprobs_num=msg.top_logprobs_num, token_ids_logprob=msg.token_ids_logprob,
-                  stream=msg.stream)
+                  stream=msg.stream, return_sampling_mask=msg.return_sampling_mask)
         req.input_logprobs_pending = msg.return_logprob and msg.logprob_start_len >= 0
         return req
 

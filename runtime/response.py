@@ -27,6 +27,7 @@ class ResponseBuilder:
         self.output_top_logprobs: list[list[LogprobEntry]] = []
         self.output_token_ids_logprobs: list[list[LogprobEntry]] = []
         self.output_token_weight_versions: list[str] = []
+        self.output_sampling_masks: list[list[int] | None] = []
         self.input_token_logprobs: list[float | None] | None = None
         self.input_top_logprobs: list | None = None
         self.input_token_ids_logprobs: list | None = None
@@ -40,6 +41,7 @@ class ResponseBuilder:
         self.output_top_logprobs.extend(out.output_top_logprobs)
         self.output_token_ids_logprobs.extend(out.output_token_ids_logprobs)
         self.output_token_weight_versions.extend(out.output_token_weight_versions)
+        self.output_sampling_masks.extend(out.output_sampling_masks)
         if out.input_token_logprobs is not None:
             self.input_token_logprobs = out.input_token_logprobs
             self.input_top_logprobs = out.input_top_logprobs
@@ -97,6 +99,8 @@ class ResponseBuilder:
                 meta["input_token_ids_logprobs"] = self._entry_lists(self.input_token_ids_logprobs or [])
                 meta["output_token_ids_logprobs"] = self._entry_lists(self.output_token_ids_logprobs)
             meta["output_token_weight_versions"] = list(self.output_token_weight_versions)
+        if self.req.return_sampling_mask:  # SGLang's key; null for a token whose distribution was not cut
+            meta["output_token_sampling_mask"] = list(self.output_sampling_masks)
         result: dict[str, Any] = {}
         if self.tokenizer is not None:
             result["text"] = self.text()

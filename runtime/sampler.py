@@ -29,7 +29,9 @@ import torch
 
 from kernels.row_select import long_tensor, put_rows, row_index, take_rows
 from kernels.sampling import draw_tokens
+from kernels.sampling_support import truncation_support
 from runtime.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from runtime.token_support import AllowedTokens
 
 __all__ = [
     "SampleOutput",
@@ -103,6 +105,9 @@ class SampleOutput:
     logprobs: list[float | None]
     top_logprobs: list[LogprobList | None]
     token_ids_logprobs: list[LogprobList | None]
+    # Per row when asked (`want_support`): the ids the row could have drawn, most probable first; None
+    # for a row whose distribution was not truncated at all (every token of the vocabulary).
+    sampling_masks: list[list[int] | None] = field(default_factory=list)
 
 
 def processed_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -162,7 +167,11 @@ class Sampler:
         return_logprob: Sequence[bool],
         top_logprobs_num: Sequence[int],
         token_ids_logprob: Sequence[list[int] | None],
+        allowed: AllowedTokens | None = None,
+        want_support: Sequence[bool] | None = None,
     ) -> SampleOutput:
+        """`allowed`: a grammar's next-token sets for some rows, applied after the penalties (so the
+        logprobs are those of the masked distribution); `want_support`: rows that report their support."""
         batch = len(rows)
         if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < self.vocab_size:
             raise ValueError(
@@ -180,6 +189,11 @@ class Sampler:
                 x = x.clone()  # never write into the caller's logits
                 owned = True
             self._edit_logits(x, rows, plan)
+        if allowed is not None:
+            if not owned:
+                x = x.clone()
+                owned = True
+            allowed.apply(x)
 
         scaled = x
         if any(t != 1.0 for t in plan.temperature):
@@ -221,7 +235,32 @@ class Sampler:
                     top[i] = tops[j]
                 if token_ids_logprob[i] is not None:
                     by_id[i] = ids[j]
-        return SampleOutput(next_ids.tolist(), logprobs, top, by_id)
+        out = SampleOutput(next_ids.tolist(), logprobs, top, by_id)
+        if want_support is not None and any(want_support):
+            out.sampling_masks = self._supports(scaled, rows, plan, out.next_token_ids, allowed, want_support)
+        return out
+
+    def _supports(self, scaled: torch.Tensor, rows: Sequence[SamplerRow], plan: _RowPlan, tokens: list[int],
+                  allowed: AllowedTokens | None, want: Sequence[bool]) -> list[list[int] | None]:
+        """The support each asking row drew from: its token alone for greedy rows; the truncation's
+        kept set (within the grammar's allowed set) for the others; None when nothing was cut."""
+        vocab = scaled.shape[1]
+        constrained = set(allowed.rows) if allowed is not None else set()
+        greedy = set(plan.greedy)
+        masks: list[list[int] | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            if not want[i]:
+                continue
+            if i in greedy:
+                masks[i] = [tokens[i]]
+                continue
+            sp = row.sampling_params
+            top_k = sp.top_k if 0 < sp.top_k < vocab else vocab
+            if top_k == vocab and sp.top_p >= 1.0 and sp.min_p <= 0.0 and i not in constrained:
+                continue
+            probs = torch.softmax(scaled[i], dim=-1)  # the same numbers _draw computes for this row
+            masks[i] = truncation_support(probs, top_k, float(sp.top_p), float(sp.min_p))
+        return masks
 
     # ------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -29,6 +30,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     no_stop_trim: bool = False
     logit_bias: dict[int, float] = {}
     sampling_seed: int | None = None
+    # Constrained decoding (runtime/grammar.py): at most one of them.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -50,6 +55,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             params.pop("stop_token_ids", None)
         if params.get("logit_bias") is None:
             params.pop("logit_bias", None)
+        if isinstance(params.get("json_schema"), dict):  # a schema object is taken as its JSON text
+            params["json_schema"] = json.dumps(params["json_schema"])
         if params.get("max_new_tokens") is None:
             params.pop("max_new_tokens", None)
         try:
@@ -86,6 +93,13 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must be non-empty strings, got {s!r}.")
+        grammars = [name for name in ("regex", "json_schema", "ebnf") if getattr(self, name) is not None]
+        if len(grammars) > 1:
+            raise ValueError("Only one of sampling_params.regex, json_schema and ebnf may be set, got "
+                             + ", ".join(f"sampling_params.{name}" for name in grammars) + ".")
+        if grammars and self.min_new_tokens > 0:
+            raise ValueError(f"min_new_tokens cannot be combined with sampling_params.{grammars[0]} (the grammar "
+                             f"decides where the output ends), got min_new_tokens={self.min_new_tokens}.")
         for b in self.logit_bias.values():
             if not math.isfinite(b):
                 raise ValueError(f"logit_bias values must be finite, got {b}.")

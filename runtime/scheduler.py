@@ -19,6 +19,7 @@ import torch
 
 from runtime.cache_manager import CacheManager
 from runtime.forward_batch import ForwardBatch
+from runtime.grammar import GrammarCache, allowed_tokens, grammar_spec
 from runtime.messages import EmbedRequest, FlushCacheResult, GenerateRequest, RequestOutput
 from runtime.model_runner import ModelRunner
 from runtime.request import Request, RequestStatus
@@ -47,7 +48,8 @@ class _Scheduled:
 
 
 class Scheduler(SchedulerBase):
-    def __init__(self, runner: ModelRunner, eos_token_ids: set[int], stop_checker: StopChecker | None = None):
+    def __init__(self, runner: ModelRunner, eos_token_ids: set[int], stop_checker: StopChecker | None = None,
+                 grammar_cache: GrammarCache | None = None):
         super().__init__(runner)
         args = runner.args
         self.page_size = args.page_size
@@ -60,6 +62,7 @@ class Scheduler(SchedulerBase):
         self.sampler = Sampler(self.vocab_size, eos_token_ids)
         self.rng = random.Random(args.random_seed)
         self.num_retractions = 0
+        self.grammar_cache = grammar_cache  # None without a tokenizer: constrained requests are refused
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -70,6 +73,11 @@ class Scheduler(SchedulerBase):
         if seed is None:
             seed = self.rng.getrandbits(63)
         req = Request.from_message(msg, seed)
+        spec = grammar_spec(msg.sampling_params)
+        if spec is not None:
+            if self.grammar_cache is None:
+                raise ValueError(f"sampling_params.{spec[0]} needs the tokenizer; the server runs without one.")
+            req.grammar = self.grammar_cache.matcher(*spec)
         self.requests[req.rid] = req
         self.waiting.append(req)
 
@@ -349,8 +357,11 @@ class Scheduler(SchedulerBase):
         row_ids = [r for _, r in todo]
         # Usually every logits row samples, in order: skip the [R, vocab] gather then.
         rows = logits if row_ids == list(range(logits.shape[0])) else logits[torch.tensor(row_ids)]
+        want_support = [r.return_sampling_mask for r in reqs]
         out = self.sampler.sample(rows, reqs, [r.return_logprob for r in reqs], [r.top_logprobs_num for r in reqs],
-                                  [r.token_ids_logprob for r in reqs])
+                                  [r.token_ids_logprob for r in reqs],
+                                  allowed=allowed_tokens([r.grammar for r in reqs], self.vocab_size),
+                                  want_support=want_support if any(want_support) else None)
         for j, req in enumerate(reqs):
             token = out.next_token_ids[j]
             req.output_ids.append(token)
@@ -361,7 +372,11 @@ class Scheduler(SchedulerBase):
                     req.output_top_logprobs.append(out.top_logprobs[j])
                 if req.token_ids_logprob is not None:
                     req.output_token_ids_logprobs.append(out.token_ids_logprobs[j])
+            if req.return_sampling_mask:
+                req.output_sampling_masks.append(out.sampling_masks[j])
             req.finish_reason = self._check_finish(req, token)
+            if req.grammar is not None and req.finish_reason is None:
+                req.finish_reason = _grammar_finish(req, token)
 
     def _check_finish(self, req: Request, token: int) -> dict | None:
         sp = req.sampling_params
@@ -397,6 +412,8 @@ class Scheduler(SchedulerBase):
             weight_version=req.output_weight_versions[-1] if req.output_weight_versions else self.weight_version,
             finished=req.finished, finish_reason=req.finish_reason,
             output_token_weight_versions=req.output_weight_versions[k:], embedding=req.embedding)
+        if req.return_sampling_mask:
+            out.output_sampling_masks = req.output_sampling_masks[k:]
         if req.return_logprob:
             out.output_token_logprobs = req.output_token_logprobs[k:]
             out.output_top_logprobs = req.output_top_logprobs[k:]
@@ -428,6 +445,16 @@ class Scheduler(SchedulerBase):
                 integrity_error = str(e) or "radix cache integrity check failed"
         return {**self.base_state(), **self.cache_manager.stats(), "idle_clean": idle_clean,
                 "integrity_error": integrity_error, "num_retractions": self.num_retractions}
+
+
+def _grammar_finish(req: Request, token: int) -> dict | None:
+    """Advance the request's grammar by its new token: a complete grammar ends the request (stop, as
+    EOS would; with ignore_eos the grammar still ends it, since it can take nothing more)."""
+    if not req.grammar.accept(token):  # the allowed set was applied, so this is our bug: end loudly
+        return {"type": "abort", "message": f"Internal error: the grammar rejected the sampled token {token}."}
+    if req.grammar.terminated:
+        return {"type": "stop", "matched": token}
+    return None
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from runtime.encoder_runner import EncoderRunner
 from runtime.encoder_scheduler import EncoderScheduler
+from runtime.grammar import GrammarCache
 from runtime.model_runner import ModelRunner, load_hf_config
 from runtime.models.registry import get_model_class
 from runtime.scheduler import Scheduler
@@ -24,6 +25,7 @@ def build_scheduler(args: ServerArgs, tokenizer: PreTrainedTokenizerBase | None,
     if getattr(model_cls, "bidirectional", False):
         return EncoderScheduler(EncoderRunner(args, progress=progress))
     runner = ModelRunner(args, hf_config, progress=progress)
-    return Scheduler(runner, eos_token_ids(args.model_path, runner.hf_config, tokenizer),
-                     StopChecker(tokenizer) if tokenizer is not None else None)
+    eos = eos_token_ids(args.model_path, runner.hf_config, tokenizer)
+    return Scheduler(runner, eos, StopChecker(tokenizer) if tokenizer is not None else None,
+                     GrammarCache(tokenizer, runner.vocab_size, eos) if tokenizer is not None else None)
 

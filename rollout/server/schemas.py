@@ -46,7 +46,8 @@ def parse_json_body(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
 # --- /generate ------------------------------------------------------------------------------------
 
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
-                   "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream"}
+                   "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream",
+                   "return_sampling_mask"}
 # Fields of SGLang's GenerateReqInput that change nothing here: accepted with any value.
 SGLANG_IGNORED_FIELDS = {"log_metrics", "no_logs", "conversation_id", "custom_labels", "extra_key", "priority",
                          "data_parallel_rank", "routed_dp_rank", "routing_key", "stream_interval"}
@@ -160,6 +161,9 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
         inp.return_text_in_logprobs = _bool("return_text_in_logprobs", body["return_text_in_logprobs"])
     if "stream" in body:
         inp.stream = _bool("stream", body["stream"])
+    if body.get("return_sampling_mask") is not None:
+        inp.return_sampling_mask = _bool("return_sampling_mask",
+                                         _uniform("return_sampling_mask", body["return_sampling_mask"], count))
     return inp
 
 

@@ -256,6 +256,7 @@ def test_echo_and_token_id_prompt(client, server, tokenizer):
     assert got.choices[0].text == tokenizer.decode(ids) + want["text"]
 
 
+@pytest.mark.slow  # all-MiniLM-L6-v2, a real model, in its own server
 def test_embeddings_match_transformers():
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -244,6 +244,7 @@ def test_bad_completion_bodies(server):
         assert fragment in resp.json()["error"]["message"]
     resp = server.post("/v1/completions", data=b"{not json")
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
+    assert resp.json()["error"]["param"] is None
     resp = server.post("/v1/embeddings", json={"input": "hi"})
     assert resp.status_code == 400 and "--is-embedding" in resp.json()["error"]["message"]
     assert server.get("/health").status_code == 200

@@ -17,7 +17,7 @@ from rollout.client.rollout_client import RolloutClient
 
 __all__ = [
     "AsyncRolloutClient", "BadRequestError", "BroadcastGroup", "ConnectionFailedError", "EncodeResult",
-    "FinishReason", "GenerateResult", "LocalRouter", "LocalServer", "RequestTimeoutError", "RetryPolicy", "RolloutClient",
-    "RolloutError", "ServerError", "ServerReply", "ServiceUnavailableError", "UnauthorizedError",
+    "FinishReason", "GenerateResult", "LocalRouter", "LocalServer", "RequestTimeoutError", "RetryPolicy",
+    "RolloutClient", "RolloutError", "ServerError", "ServerReply", "ServiceUnavailableError", "UnauthorizedError",
     "WeightUpdateError", "launch_server",
 ]

@@ -46,7 +46,8 @@ def openai_error(message: str, status: int, param: str | None = None) -> Respons
                                     "code": status}}, status)
 
 
-def _param_of(message: str, prompt_param: str = "prompt") -> str | None:
+def _param_of(message: str, prompt_param: str | None = None) -> str | None:
+    """The request field a check's message is about (None when it names none)."""
     first = message.split(" ", 1)[0].split("=", 1)[0].rstrip(":,.")
     if first in _PROMPT_WORDS:
         return prompt_param

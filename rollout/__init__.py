@@ -12,7 +12,7 @@ from typing import Any
 
 CLIENT_EXPORTS = (
     "RolloutClient", "AsyncRolloutClient", "GenerateResult", "EncodeResult", "FinishReason", "ServerReply",
-    "RetryPolicy", "BroadcastGroup", "LocalServer", "RolloutError", "ServerError", "BadRequestError",
+    "RetryPolicy", "BroadcastGroup", "LocalServer", "LocalRouter", "RolloutError", "ServerError", "BadRequestError",
     "UnauthorizedError", "ServiceUnavailableError", "RequestTimeoutError", "ConnectionFailedError",
     "WeightUpdateError",
 )

@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("name, extra", [("grpo_cpu", ["--verify"]), ("grpo_disk", ["--every", "1", "--verify"]),
-                                         ("two_servers", []), ("ppo_reward_model", [])])
+                                         ("two_servers", []), ("ppo_reward_model", []),
+                                         ("grpo_router", ["--verify"])])
 def test_example_short_run(tmp_path: Path, name: str, extra: list[str]) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", f"trainer_examples.{name}", "--steps", "2", "--out", str(out),

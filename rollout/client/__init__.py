@@ -9,6 +9,7 @@ from rollout.client.async_client import AsyncRolloutClient
 from rollout.client.broadcast_group import BroadcastGroup
 from rollout.client.errors import (BadRequestError, ConnectionFailedError, RequestTimeoutError, RolloutError,
                                    ServerError, ServiceUnavailableError, UnauthorizedError, WeightUpdateError)
+from rollout.client.local_router import LocalRouter
 from rollout.client.local_server import LocalServer, launch_server
 from rollout.client.results import EncodeResult, FinishReason, GenerateResult, ServerReply
 from rollout.client.retry_policy import RetryPolicy
@@ -16,7 +17,7 @@ from rollout.client.rollout_client import RolloutClient
 
 __all__ = [
     "AsyncRolloutClient", "BadRequestError", "BroadcastGroup", "ConnectionFailedError", "EncodeResult",
-    "FinishReason", "GenerateResult", "LocalServer", "RequestTimeoutError", "RetryPolicy", "RolloutClient",
-    "RolloutError", "ServerError", "ServerReply", "ServiceUnavailableError", "UnauthorizedError",
+    "FinishReason", "GenerateResult", "LocalRouter", "LocalServer", "RequestTimeoutError", "RetryPolicy",
+    "RolloutClient", "RolloutError", "ServerError", "ServerReply", "ServiceUnavailableError", "UnauthorizedError",
     "WeightUpdateError", "launch_server",
 ]

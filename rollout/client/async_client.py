@@ -8,6 +8,12 @@
 Each prompt's n samples go to one server in one request (they share its prefix cache); prompts spread
 over the servers by least outstanding samples. HTTP runs on `requests` in a thread pool, so the same
 code serves the synchronous RolloutClient (rollout/client/rollout_client.py) without a second implementation.
+
+Behind sglang-router, generation and scoring go through the router (its policy places them) and every
+control call (weight updates, pause / continue, flush, abort, info) goes to each worker directly:
+
+    client = AsyncRolloutClient("http://router:30000", workers=["http://w1:30000", "http://w2:30000"])
+    client = AsyncRolloutClient.from_router("http://router:30000")   # workers read from GET /workers
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from rollout.client.balancer import Balancer
 from rollout.client.errors import ConnectionFailedError, RolloutError, ServiceUnavailableError
 from rollout.client.results import EncodeResult, GenerateResult, ServerReply
 from rollout.client.retry_policy import NO_RETRY, RetryPolicy
+from rollout.client.router import discover_workers
 from rollout.client.server_connection import ServerConnection
 from rollout.client.weight_updates import WeightUpdateMixin
 
@@ -31,32 +38,52 @@ DOWN_S = 2.0  # a server that refused a connection is avoided this long while ot
 
 
 class AsyncRolloutClient(WeightUpdateMixin):
-    def __init__(self, urls: str | Sequence[str], *, api_key: str | None = None, max_concurrency: int = 64,
-                 timeout: float | None = 600.0, connect_timeout: float = 5.0, retry: RetryPolicy = RetryPolicy(),
-                 progress_min: int = 256):
-        """`max_concurrency`: requests in flight at once over all servers (generate / score chunks);
-        `timeout`: seconds to wait for one answer (None: forever), per call overridable; `progress_min`:
-        batches of at least this many prompts show a progress bar unless `progress=False`."""
+    def __init__(self, urls: str | Sequence[str], *, workers: Sequence[str] | None = None,
+                 api_key: str | None = None, max_concurrency: int = 64, timeout: float | None = 600.0,
+                 connect_timeout: float = 5.0, retry: RetryPolicy = RetryPolicy(), progress_min: int = 256):
+        """`urls`: the rollout servers, or with `workers` the router(s) in front of them; `workers`: the
+        servers behind the router(s), which every control call reaches directly. `max_concurrency`:
+        requests in flight at once over all servers (generate / score chunks); `timeout`: seconds to wait
+        for one answer (None: forever), per call overridable; `progress_min`: batches of at least this many
+        prompts show a progress bar unless `progress=False`."""
         urls = [urls] if isinstance(urls, str) else list(urls)
-        self.servers = [ServerConnection(u, api_key=api_key, pool_size=max_concurrency + 8,
-                                         connect_timeout=connect_timeout) for u in urls]
-        self.balancer = Balancer(self.servers)
+        if workers is not None and not workers:
+            raise ValueError("workers=[] names no server; pass the router's workers or use from_router().")
+
+        def connect(u: str) -> ServerConnection:
+            return ServerConnection(u, api_key=api_key, pool_size=max_concurrency + 8, connect_timeout=connect_timeout)
+
+        self.servers = [connect(u) for u in (urls if workers is None else workers)]  # control calls: each one
+        self.routers = [] if workers is None else [connect(u) for u in urls]
+        self.balancer = Balancer(self.routers or self.servers)                         # generation and scoring
         self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.retry = retry
         self.progress_min = progress_min
         # Threads do the blocking HTTP; control calls get headroom beyond the generation limit.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_concurrency + 4 * len(urls) + 8,
-                                                               thread_name_prefix="rollout-client")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_concurrency + 4 * (len(self.servers) + len(self.routers)) + 8, thread_name_prefix="rollout-client")
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+    @classmethod
+    def from_router(cls, router_url: str, **options: Any) -> "AsyncRolloutClient":
+        """A client of the workers an sglang-router lists (GET /workers), generating through the router."""
+        workers = discover_workers(router_url, api_key=options.get("api_key"),
+                                   timeout=options.get("connect_timeout", 5.0) + 5.0)
+        return cls(router_url, workers=workers, **options)
 
     @property
     def urls(self) -> list[str]:
+        """The servers (the workers, behind a router)."""
         return [s.url for s in self.servers]
+
+    @property
+    def router_urls(self) -> list[str]:
+        return [s.url for s in self.routers]
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for s in self.servers:
+        for s in self.servers + self.routers:
             s.close()
 
     async def __aenter__(self) -> "AsyncRolloutClient":
@@ -107,7 +134,7 @@ class AsyncRolloutClient(WeightUpdateMixin):
                 server.mark_down(DOWN_S)
                 if attempt >= self.retry.retries:
                     raise
-                failed = server if len(self.servers) > 1 else None
+                failed = server if len(self.balancer.servers) > 1 else None
             finally:
                 server.release(weight)
             await asyncio.sleep(self.retry.delay(attempt))
@@ -216,10 +243,11 @@ class AsyncRolloutClient(WeightUpdateMixin):
     # --- health, info, cache, abort -------------------------------------------------------------
 
     async def health(self, timeout: float = 10.0) -> dict[str, bool]:
-        """url -> whether /health answered 200 (never raises for a down server)."""
-        results = await asyncio.gather(*(self._call(s, "GET", "/health", timeout=timeout) for s in self.servers),
+        """url -> whether /health answered 200 (never raises for a down server); routers included."""
+        endpoints = self.servers + self.routers
+        results = await asyncio.gather(*(self._call(s, "GET", "/health", timeout=timeout) for s in endpoints),
                                        return_exceptions=True)
-        return {s.url: not isinstance(r, BaseException) for s, r in zip(self.servers, results)}
+        return {s.url: not isinstance(r, BaseException) for s, r in zip(endpoints, results)}
 
     async def wait_until_ready(self, timeout: float = 300.0, poll_s: float = 0.2) -> None:
         """Until every server's /health answers 200 (its model is loaded); TimeoutError naming the rest."""
@@ -253,6 +281,8 @@ class AsyncRolloutClient(WeightUpdateMixin):
         await self._on_all("POST", "/abort_request", body)
 
     def __repr__(self) -> str:
+        if self.routers:
+            return f"{type(self).__name__}({self.router_urls}, workers={self.urls})"
         return f"{type(self).__name__}({self.urls})"
 
 

@@ -22,9 +22,19 @@ T = TypeVar("T")
 
 class RolloutClient:
     def __init__(self, urls: str | Sequence[str], **options: Any):
-        """Options as AsyncRolloutClient: api_key, max_concurrency, timeout, connect_timeout, retry,
-        progress_min."""
-        self.aio = AsyncRolloutClient(urls, **options)
+        """Options as AsyncRolloutClient: workers (the servers behind a router given as `urls`), api_key,
+        max_concurrency, timeout, connect_timeout, retry, progress_min."""
+        self._init(AsyncRolloutClient(urls, **options))
+
+    @classmethod
+    def from_router(cls, router_url: str, **options: Any) -> "RolloutClient":
+        """Generation through the sglang-router at `router_url`, control calls to each worker it lists."""
+        client = cls.__new__(cls)
+        client._init(AsyncRolloutClient.from_router(router_url, **options))
+        return client
+
+    def _init(self, aio: AsyncRolloutClient) -> None:
+        self.aio = aio
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-client-loop", daemon=True)
         self._thread.start()
@@ -41,6 +51,10 @@ class RolloutClient:
     def urls(self) -> list[str]:
         return self.aio.urls
 
+    @property
+    def router_urls(self) -> list[str]:
+        return self.aio.router_urls
+
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self.aio.close())
@@ -54,7 +68,7 @@ class RolloutClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"RolloutClient({self.urls})"
+        return repr(self.aio).replace("AsyncRolloutClient", "RolloutClient", 1)
 
     # --- generation and scoring -----------------------------------------------------------------
 

@@ -49,7 +49,7 @@ GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logpro
                    "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream",
                    "return_sampling_mask"}
 # Fields of SGLang's GenerateReqInput that change nothing here: accepted with any value.
-SGLANG_IGNORED_FIELDS = {"log_metrics", "no_logs", "conversation_id", "custom_labels", "extra_key", "priority",
+SGLANG_IGNORED_FIELDS = {"model", "log_metrics", "no_logs", "conversation_id", "custom_labels", "extra_key", "priority",
                          "data_parallel_rank", "routed_dp_rank", "routing_key", "stream_interval"}
 # Fields of SGLang's GenerateReqInput for features we do not have: accepted only when empty
 # (null, false, [], {}, ""), so clients that send their defaults work, and a real use is a clear 400.

@@ -241,3 +241,9 @@ def test_chunked_prefill_size_validation():
     with pytest.raises(ValueError, match="or -1"):
         ServerArgs(chunked_prefill_size=0, device="cpu")
     assert not ServerArgs(chunked_prefill_size=-1, device="cpu").chunked_prefill
+
+
+def test_metrics_need_enable_metrics(server):
+    resp = server.get("/metrics")
+    assert resp.status_code == 404 and "--enable-metrics" in resp.json()["error"]["message"]
+    still_serves(server)

@@ -166,7 +166,9 @@ def test_v1_tokenize_chat_and_prompt(server, model_dir):
     got = ok(server.post("/v1/tokenize", json={"model": "m", "messages": messages}))
     assert got["tokens"] == expected and got["count"] == len(expected) and got["max_model_len"] == 2048
     no_prompt = ok(server.post("/v1/tokenize", json={"messages": messages, "add_generation_prompt": False}))
-    assert no_prompt["tokens"] == tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert no_prompt["tokens"] == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert len(no_prompt["tokens"]) < len(expected)
     text = ok(server.post("/v1/tokenize", json={"prompt": "hello world", "return_token_strs": True}))
     assert text["tokens"] == tok("hello world")["input_ids"]
     assert text["token_strs"] == tok.convert_ids_to_tokens(text["tokens"])

@@ -84,7 +84,6 @@ def test_router_defaults_are_accepted_and_change_nothing(server):
 @pytest.mark.parametrize("body,words", [
     ({"custom_logit_processor": "gASV..."}, ["custom_logit_processor", "run code on the server"]),
     ({"return_entropy": True}, ["return_entropy", "not supported"]),
-    ({"return_sampling_mask": True}, ["return_sampling_mask"]),
     ({"lora_path": "/adapters/a"}, ["lora_path"]),
     ({"routed_experts_start_len": 3}, ["routed_experts_start_len"]),
     ({"sampling_params": {"stop_regex": "a+b"}}, ["sampling_params.stop_regex", "not supported"]),

@@ -40,7 +40,8 @@ UNSUPPORTED_GENERATE_FIELDS: dict[str, Any] = {
     "encoder_urls": None, "max_dynamic_patch": None, "min_dynamic_patch": None,
     "image_max_dynamic_patch": None, "video_max_dynamic_patch": None, "images_config": None,
     "multi_item_delimiter_indices": None, "cache_salt": None,
-    # TODO(eco-grammar): implemented with the sampling mask; until then only false is accepted.
+    # Honoured where the sampling mask is implemented (it is then in schemas.GENERATE_FIELDS, which is
+    # checked first, so this entry no longer applies); until then only false is accepted.
     "return_sampling_mask": False,
 }
 

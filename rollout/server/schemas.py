@@ -12,8 +12,7 @@ from typing import Any
 import msgspec
 
 from rollout.server.sglang_fields import (CUSTOM_LOGIT_PROCESSOR_REFUSED, IGNORED_GENERATE_FIELDS,
-                                          UNSUPPORTED_GENERATE_FIELDS, accepts_default, is_empty,
-                                          strip_sampling_params)
+                                          UNSUPPORTED_GENERATE_FIELDS, accepts_default, strip_sampling_params)
 from runtime.generate_input import GenerateInput
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -33,14 +33,14 @@ class EncoderScheduler(SchedulerBase):
     def __init__(self, runner: EncoderRunner):
         super().__init__(runner)  # `running` holds requests only during a step: nothing stays between steps
         # The budget is per step; a sequence longer than it still runs, alone.
-        self.max_batch_tokens = runner.args.chunked_prefill_size
+        self.max_batch_tokens = runner.args.prefill_step_tokens
 
     def add_request(self, msg: GenerateRequest) -> None:
         raise ValueError(f"Request {msg.rid!r}: an encoder model cannot generate.")
 
     def add_embed_request(self, msg: EmbedRequest) -> None:
         if msg.rid in self.requests:
-            raise ValueError(f"Duplicate request id rid={msg.rid!r}: a request with it is still running.")
+            raise ValueError(f"Duplicate request ID rid={msg.rid!r}: a request with it is still running.")
         req = EncoderRequest(msg.rid, list(msg.input_ids), msg.token_type_ids)
         self.requests[req.rid] = req
         self.waiting.append(req)

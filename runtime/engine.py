@@ -110,7 +110,7 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
         with self._lock:
             for r in norm.requests:
                 if r.rid in self._waiters:
-                    raise ValueError(f"Duplicate request id rid={r.rid!r}: a request with it is still running.")
+                    raise ValueError(f"Duplicate request ID rid={r.rid!r}: a request with it is still running.")
             for r, q in zip(norm.requests, queues):
                 self._waiters[r.rid] = q
         for r in norm.requests:

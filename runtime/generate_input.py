@@ -121,7 +121,7 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
     seen: set[str] = set()
     for r in requests:
         if r.rid in seen:
-            raise ValueError(f"Duplicate request id rid={r.rid!r} in one call.")
+            raise ValueError(f"Duplicate request ID rid={r.rid!r} in one call.")
         seen.add(r.rid)
     return NormalizedGenerate(is_batch=is_batch or len(requests) > 1, requests=requests)
 

@@ -104,9 +104,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             if not math.isfinite(b):
                 raise ValueError(f"logit_bias values must be finite, got {b}.")
         if vocab_size is not None:
-            for tid in self.stop_token_ids:
-                if not 0 <= tid < vocab_size:
-                    raise ValueError(f"stop_token_ids has {tid}, outside the vocabulary [0, {vocab_size}).")
+            # A stop token id outside the vocabulary is accepted and never matches (SGLang accepts it too,
+            # and model-agnostic clients send one list to every model).
             for tid in self.logit_bias:
                 if not 0 <= tid < vocab_size:
                     raise ValueError(f"logit_bias has token id {tid}, outside the vocabulary [0, {vocab_size}).")

@@ -68,7 +68,7 @@ class Scheduler(SchedulerBase):
 
     def add_request(self, msg: GenerateRequest) -> None:
         if msg.rid in self.requests:
-            raise ValueError(f"Duplicate request id rid={msg.rid!r}: a request with it is still running.")
+            raise ValueError(f"Duplicate request ID rid={msg.rid!r}: a request with it is still running.")
         seed = msg.sampling_params.sampling_seed
         if seed is None:
             seed = self.rng.getrandbits(63)
@@ -193,7 +193,7 @@ class Scheduler(SchedulerBase):
         return int(remaining * DECODE_RESERVE_RATIO)
 
     def _schedule_extends(self, prefilling: list[Request]) -> list[_Scheduled]:
-        budget = self.args.chunked_prefill_size
+        budget = self.args.prefill_step_tokens
         scheduled: list[_Scheduled] = []
         for req in prefilling:  # chunked prefills already under way go first
             if budget <= 0:
@@ -226,7 +226,12 @@ class Scheduler(SchedulerBase):
             prefix = self._usable_prefix(req, match.slots.shape[0])
             if any(self._should_wait_for(req, fill, prefix, other) for other in admitted_fills):
                 continue
-            n = min(len(fill) - prefix, budget)
+            n = len(fill) - prefix
+            if not self.args.chunked_prefill and n > budget:
+                if scheduled or admitted_fills:  # no chunking: a prompt over the step's budget runs alone
+                    break
+                budget = n
+            n = min(n, budget)
             if not self.cache_manager.admit(req, match, prefix, n, reserve):
                 break
             if not req.admitted_once:

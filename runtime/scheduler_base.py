@@ -89,6 +89,7 @@ class SchedulerBase(ABC):
         return {
             "num_running_reqs": len(self.running),
             "num_waiting_reqs": len(self.waiting),
+            "num_waiting_tokens": sum(len(r.input_ids) for r in self.waiting),  # /get_load counts them
             "num_engine_reqs": len(self.requests),
             "forward_steps": self.forward_steps,
             "weight_version": self.weight_version,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+NO_CHUNK_STEP_TOKENS = 16384
+
 
 @dataclass
 class ServerArgs:
@@ -21,7 +23,7 @@ class ServerArgs:
     context_length: int | None = None      # None: the model's max_position_embeddings
     max_running_requests: int = 256
     max_total_tokens: int | None = None    # KV pool size in tokens; None: mem_fraction_static
-    chunked_prefill_size: int = 2048       # most prompt tokens one step prefills
+    chunked_prefill_size: int = 2048       # most prompt tokens one step prefills; -1: no chunking (SGLang)
     page_size: int = 1
     disable_radix_cache: bool = False
     mem_fraction_static: float | None = None  # None: 0.85 of free GPU memory, 0.1 of free RAM on CPU
@@ -36,6 +38,8 @@ class ServerArgs:
     # mid-broadcast leaves them unusable: 503 until the next good update), "buffered" receives whole first
     # (the old weights keep serving on a dead peer). docs/api.md, "Weight updates".
     weight_update_receive: str = "direct"
+    enable_metrics: bool = False           # GET /metrics in Prometheus text format (SGLang's flag)
+    incremental_streaming_output: bool = False  # streamed chunks carry only the new output_ids / text
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -44,8 +48,9 @@ class ServerArgs:
             self.attention_backend = "triton" if torch.device(self.device).type == "cuda" else "torch"
         if self.page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {self.page_size}.")
-        if self.chunked_prefill_size < 1:
-            raise ValueError(f"chunked_prefill_size must be at least 1, got {self.chunked_prefill_size}.")
+        if self.chunked_prefill_size < 1 and self.chunked_prefill_size != -1:
+            raise ValueError(f"chunked_prefill_size must be at least 1, or -1 (no chunking), got "
+                             f"{self.chunked_prefill_size}.")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be at least 1, got {self.max_running_requests}.")
         if self.weight_update_receive not in ("direct", "buffered"):
@@ -55,6 +60,17 @@ class ServerArgs:
             # CPU GEMMs round differently for different batch sizes, so a batch-invariant mode needs
             # its own kernels; refusing is better than a flag that silently promises what it lacks.
             raise ValueError("deterministic (batch-invariant mode) is not implemented yet.")
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """False with chunked_prefill_size -1: a prompt is prefilled whole, in one step."""
+        return self.chunked_prefill_size != -1
+
+    @property
+    def prefill_step_tokens(self) -> int:
+        """Most prompt tokens one step prefills. Without chunking a step still stops admitting prompts past
+        NO_CHUNK_STEP_TOKENS (SGLang's max_prefill_tokens default); a longer prompt runs alone."""
+        return self.chunked_prefill_size if self.chunked_prefill else NO_CHUNK_STEP_TOKENS
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -451,14 +451,13 @@ BAD_INPUTS = [
     (dict(input_ids=[3] * CONTEXT), f"The input ({CONTEXT} tokens) is longer than the model's context length "
                                     f"({CONTEXT} tokens)."),
     (dict(input_ids=PROMPT, sampling_params={"foo": 1}), "sampling_params.foo"),
-    (dict(input_ids=PROMPT, sampling_params={"stop_token_ids": [300]}), "stop_token_ids"),
     (dict(input_ids=PROMPT, return_logprob=True, logprob_start_len=-2), "logprob_start_len"),
     (dict(input_ids=PROMPT, return_logprob=True, logprob_start_len=len(PROMPT)), "logprob_start_len"),
     (dict(input_ids=PROMPT, top_logprobs_num=-1), "top_logprobs_num"),
     (dict(input_ids=PROMPT, token_ids_logprob=[256]), "token_ids_logprob"),
     (dict(input_ids=PROMPT, sampling_params={"n": 0}), "n must be at least 1"),
     (dict(input_ids=[PROMPT, PROMPT2], rid=["a"]), "rid"),
-    (dict(input_ids=[PROMPT, PROMPT2], rid=["a", "a"]), "Duplicate request id"),
+    (dict(input_ids=[PROMPT, PROMPT2], rid=["a", "a"]), "Duplicate request ID"),
     (dict(input_ids=[PROMPT, PROMPT2], sampling_params=[{}]), "sampling_params"),
 ]
 
@@ -480,7 +479,7 @@ def test_duplicate_in_flight_rid(eng):
     it = eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 200, "ignore_eos": True},
                       stream=True, rid="busy")
     next(it)
-    with pytest.raises(ValueError, match="Duplicate request id rid='busy'"):
+    with pytest.raises(ValueError, match="Duplicate request ID rid='busy'"):
         eng.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 1}, rid="busy")
     it.close()  # stopping early aborts the request
     _wait_idle(eng)

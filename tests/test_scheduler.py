@@ -361,7 +361,7 @@ def test_scheduler_abort_waiting_and_running(model_path):
     assert len(next(o for o in outs if o.rid == "run").new_token_ids) > 0
     assert not sched.has_work()
     assert sched.is_idle_clean()
-    with pytest.raises(ValueError, match="Duplicate request id"):
+    with pytest.raises(ValueError, match="Duplicate request ID"):
         sched.add_request(_request("dup", [3, 4, 5]))
         sched.add_request(_request("dup", [3, 4, 5]))
 
@@ -392,7 +392,7 @@ def test_exact_abort_state_and_server_messages(model_path):
     assert [o.rid for o in outs] == ["b"]
     assert outs[0].finish_reason == {"type": "abort", "message": "Aborted: the client disconnected."}
     (dup,) = sched.handle(_request("ab", [3, 4, 5]))  # answered, not raised: no client waits forever
-    assert dup.rid == "ab" and dup.finished and "Duplicate request id rid='ab'" in dup.finish_reason["message"]
+    assert dup.rid == "ab" and dup.finished and "Duplicate request ID rid='ab'" in dup.finish_reason["message"]
     assert set(sched.requests) == {"ab"}
 
     sched.abort("", abort_all=True)

@@ -22,7 +22,9 @@ import zmq.asyncio
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from rollout.server.engine_process import EngineProcess
+from rollout.server.incremental_stream import IncrementalStream
 from rollout.server.ipc import InputCodec, OutputCodec, configure
+from rollout.server.metrics import RequestClock, ServerMetrics
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EmbedRequest, EngineFailed, EngineReady,
                               FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
@@ -68,6 +70,7 @@ class _Slot:
     call: GenerateCall
     index: int
     abandoned: bool = False   # the client left; the slot stays until the engine confirms the abort
+    clock: RequestClock | None = None   # with --enable-metrics, for requests that log metrics
 
 
 class EngineClient:
@@ -86,6 +89,7 @@ class EngineClient:
         self.dead_reason: str | None = None
         self.on_fatal = lambda: None                     # the launcher stops uvicorn
         self.engine: EngineProcess | None = None
+        self.metrics: ServerMetrics | None = None        # set by the app with --enable-metrics
         self._slots: dict[str, _Slot] = {}
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -182,6 +186,9 @@ class EngineClient:
             call = slot.call
             if not slot.abandoned:
                 call.builders[slot.index].add(out)
+            if slot.clock is not None:
+                self.metrics.on_output(slot.clock, len(out.new_token_ids), out.finished, out.prompt_tokens,
+                                       out.cached_tokens)
             if out.finished:
                 del self._slots[out.rid]
                 call.remaining -= 1
@@ -195,6 +202,8 @@ class EngineClient:
                 self.weight_version = out.weight_version
                 self.unusable = out.unusable
                 self.paused = out.paused
+                if out.report is not None and out.success and self.metrics is not None:
+                    self.metrics.on_weight_update(out.report)
             fut = self._pending.pop(out.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(out)
@@ -241,12 +250,13 @@ class EngineClient:
         return normalize_generate(inp, tokenize, self.info.vocab_size, self.info.context_len)
 
     def submit(self, norm: NormalizedGenerate, return_text_in_logprobs: bool, stream: bool,
-               start_time: float) -> GenerateCall:
+               start_time: float, log_metrics: bool = True) -> GenerateCall:
         """Register the call's samples and send them; ValueError for an rid already in flight."""
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs, start_time) for r in norm.requests]
-        return self.submit_builders(builders, norm.is_batch, stream)
+        return self.submit_builders(builders, norm.is_batch, stream, log_metrics, start_time)
 
-    def submit_builders(self, builders: list[Any], is_batch: bool, stream: bool = False) -> GenerateCall:
+    def submit_builders(self, builders: list[Any], is_batch: bool, stream: bool = False, log_metrics: bool = True,
+                        start_time: float | None = None) -> GenerateCall:
         """Send each builder's request (`builder.req`); builders are ResponseBuilders or anything with
         the same add / finished / to_dict (runtime/scoring_output.py's ScoringCollector)."""
         self.check_available()
@@ -254,10 +264,12 @@ class EngineClient:
             raise EngineUnavailable(self.unusable)
         for b in builders:
             if b.req.rid in self._slots:
-                raise ValueError(f"Duplicate request id rid={b.req.rid!r}: a request with it is still running.")
+                raise ValueError(f"Duplicate request ID rid={b.req.rid!r}: a request with it is still running.")
         call = GenerateCall(builders=builders, is_batch=is_batch, stream=stream, remaining=len(builders))
+        timed = self.metrics is not None and log_metrics
+        start = start_time if start_time is not None else time.monotonic()
         for i, b in enumerate(builders):
-            self._slots[b.req.rid] = _Slot(call, i)
+            self._slots[b.req.rid] = _Slot(call, i, clock=self.metrics.start_request(start) if timed else None)
         self._send([b.req for b in builders])
         return call
 
@@ -297,7 +309,9 @@ class EngineClient:
     async def stream(self, call: GenerateCall) -> AsyncIterator[dict]:
         """Cumulative chunks: one per sample that changed since the last chunk, as the engine steps.
 
-        Several steps' outputs that arrive before the client reads are coalesced into one chunk."""
+        Several steps' outputs that arrive before the client reads are coalesced into one chunk. With
+        --incremental-streaming-output a chunk carries only what is new since the sample's previous chunk."""
+        incremental = IncrementalStream() if self.args.incremental_streaming_output else None
         while True:
             await self._next_event(call)
             dirty, call.dirty = call.dirty, []
@@ -307,6 +321,8 @@ class EngineClient:
                     continue
                 seen.add(i)
                 chunk = call.builders[i].to_dict()
+                if incremental is not None:
+                    chunk = incremental.delta(i, chunk, call.builders[i].finished)
                 if call.is_batch:
                     chunk["index"] = i
                 yield chunk
@@ -358,11 +374,13 @@ class EngineClient:
         rid = f"HEALTH_CHECK_{next(self._ids)}_{time.monotonic_ns()}"
         if self.args.is_embedding:  # a scoring model generates nothing: score one token instead
             from runtime.scoring_output import ScoringCollector
-            call = self.submit_builders([ScoringCollector(EmbedRequest(rid=rid, input_ids=[0]))], False)
+            call = self.submit_builders([ScoringCollector(EmbedRequest(rid=rid, input_ids=[0]))], False,
+                                        log_metrics=False)
         else:
             req = GenerateRequest(rid=rid, input_ids=[0],
                                   sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
-            call = self.submit(NormalizedGenerate(is_batch=False, requests=[req]), False, False, time.monotonic())
+            call = self.submit(NormalizedGenerate(is_batch=False, requests=[req]), False, False, time.monotonic(),
+                               log_metrics=False)
         try:
             await asyncio.wait_for(self.wait(call), timeout)
         except asyncio.TimeoutError:

@@ -19,11 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall
+from rollout.server.info_routes import add_info_routes
+from rollout.server.metrics import ServerMetrics
 from rollout.server.responses import encode_json, error_response, json_response, watch_disconnect
 from rollout.server.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                                     parse_timeout, parse_tokenize)
 from rollout.server.openai_routes import add_openai_routes
 from rollout.server.scoring_routes import add_scoring_routes
+from rollout.server.tokenize_routes import add_tokenize_routes
 from rollout.server.weight_routes import add_weight_routes
 from runtime.scoring_input import NEEDS_GENERATION
 
@@ -77,6 +80,8 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     app = FastAPI(title="rl-rollout", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine_client = engine_client
+    if engine_client.args.enable_metrics:
+        engine_client.metrics = ServerMetrics(model_name=str(engine_client.model_path))
 
     # --- errors ---------------------------------------------------------------------------------
 
@@ -120,7 +125,8 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
                     raise BadRequest(f"sampling_params.stop={r.sampling_params.stop!r} needs the tokenizer, but the "
                                      "server runs with --skip-tokenizer-init; use stop_token_ids.")
         try:
-            call = engine_client.submit(norm, inp.return_text_in_logprobs, inp.stream, start)
+            call = engine_client.submit(norm, inp.return_text_in_logprobs, inp.stream, start,
+                                        log_metrics=body.get("log_metrics") is not False)
         except ValueError as e:  # an rid already in flight
             raise BadRequest(str(e)) from None
         if inp.stream:
@@ -254,6 +260,9 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     add_weight_routes(app, engine_client)
     add_scoring_routes(app, engine_client)
     add_openai_routes(app, engine_client)
+    # Routers' and monitoring's routes (/get_load, /v1/loads, /get_weight_version, /metrics), /v1/tokenize.
+    add_info_routes(app, engine_client, _version())
+    add_tokenize_routes(app, engine_client)
 
     if engine_client.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=engine_client.args.api_key)

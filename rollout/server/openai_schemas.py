@@ -12,7 +12,8 @@ from typing import Any
 
 import msgspec
 
-from rollout.server.schemas import MAX_SAMPLES_PER_CALL, BadRequest, check_ints, is_empty, short
+from rollout.server.schemas import MAX_SAMPLES_PER_CALL, BadRequest, check_ints, short
+from rollout.server.sglang_fields import is_empty
 
 
 class OpenAIBadRequest(BadRequest):

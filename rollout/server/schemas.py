@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from rollout.server.sglang_fields import (CUSTOM_LOGIT_PROCESSOR_REFUSED, IGNORED_GENERATE_FIELDS,
+                                          UNSUPPORTED_GENERATE_FIELDS, accepts_default, strip_sampling_params)
 from runtime.generate_input import GenerateInput
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -48,20 +50,9 @@ def parse_json_body(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
                    "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream",
                    "return_sampling_mask"}
-# Fields of SGLang's GenerateReqInput that change nothing here: accepted with any value.
-SGLANG_IGNORED_FIELDS = {"model", "log_metrics", "no_logs", "conversation_id", "custom_labels", "extra_key", "priority",
-                         "data_parallel_rank", "routed_dp_rank", "routing_key", "stream_interval"}
-# Fields of SGLang's GenerateReqInput for features we do not have: accepted only when empty
-# (null, false, [], {}, ""), so clients that send their defaults work, and a real use is a clear 400.
-SGLANG_UNSUPPORTED_FIELDS = {"input_embeds", "image_data", "video_data", "audio_data", "modalities",
-                             "session_params", "lora_path", "lora_id", "custom_logit_processor",
-                             "return_hidden_states", "return_routed_experts", "bootstrap_host", "bootstrap_port",
-                             "bootstrap_room", "bootstrap_pair_key", "return_bytes", "return_entropy",
-                             "require_reasoning", "background"}
-
-
-def is_empty(value: Any) -> bool:
-    return value is None or value is False or value == [] or value == {} or value == ""
+# SGLang's other GenerateReqInput fields (rollout/server/sglang_fields.py); also used by /encode's parser.
+SGLANG_IGNORED_FIELDS = IGNORED_GENERATE_FIELDS
+SGLANG_UNSUPPORTED_FIELDS = UNSUPPORTED_GENERATE_FIELDS
 
 
 def _uniform(name: str, value: Any, count: int) -> Any:
@@ -120,7 +111,9 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
         if key in GENERATE_FIELDS or key in SGLANG_IGNORED_FIELDS:
             continue
         if key in SGLANG_UNSUPPORTED_FIELDS:
-            if not is_empty(value):
+            if key == "custom_logit_processor" and not accepts_default(key, value):
+                raise BadRequest(f"{CUSTOM_LOGIT_PROCESSOR_REFUSED} Got custom_logit_processor={short(value)}.")
+            if not accepts_default(key, value):
                 raise BadRequest(f"{key} is not supported by this server, got {key}={short(value)}.")
             continue
         raise BadRequest(f"Unknown field in the request body: {key}={short(value)}.")
@@ -132,6 +125,10 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
     if sp is not None and not isinstance(sp, (dict, list)):
         raise BadRequest(f"sampling_params must be an object (or a list of objects, one per prompt), got {short(sp)}.")
     check_ints("sampling_params", sp)
+    try:
+        sp = strip_sampling_params(sp, short)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     max_n = 1
     for one in sp if isinstance(sp, list) else [sp]:
         if isinstance(one, dict) and isinstance(one.get("n"), int):

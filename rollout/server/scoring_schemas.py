@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.server.schemas import (SGLANG_IGNORED_FIELDS, SGLANG_UNSUPPORTED_FIELDS, BadRequest, check_ints,
-                                    is_empty, short)
+from rollout.server.schemas import SGLANG_IGNORED_FIELDS, SGLANG_UNSUPPORTED_FIELDS, BadRequest, check_ints, short
+from rollout.server.sglang_fields import accepts_default
 
 ENCODE_FIELDS = {"text": None, "input_ids": None, "rid": None}
 SCORE_FIELDS = {"query": None, "items": None, "label_token_ids": None, "apply_softmax": False,
@@ -22,7 +22,7 @@ def _fields(route: str, body: dict[str, Any], known: dict[str, Any]) -> dict[str
         if key in known or key in SGLANG_IGNORED_FIELDS:
             continue
         if key in SGLANG_UNSUPPORTED_FIELDS:
-            if not is_empty(value):
+            if not accepts_default(key, value):
                 raise BadRequest(f"{key} is not supported by {route}, got {key}={short(value)}.")
             continue
         raise BadRequest(f"Unknown field in the {route} body: {key}={short(value)}.")

@@ -84,6 +84,14 @@ def add_weight_routes(app: FastAPI, engine_client: EngineClient) -> None:
             return error_response(result.message, 400)
         return json_response(result.parameter)
 
+    async def update_weight_version(request: Request) -> Response:
+        fields = parse_update_weight_version(await body_of(request))
+        result = await engine_client.control(UpdateWeightVersionReq, CONTROL_TIMEOUT_S, **fields)
+        body = {"success": result.success, "message": result.message}
+        if result.success:
+            body["new_version"] = fields["new_version"]  # the key SGLang's clients read
+        return json_response(body, 200 if result.success else 400)
+
     async def continue_generation(request: Request) -> Response:
         await body_of(request)  # a body that is not JSON is still a 400
         return answer(await engine_client.control(ContinueGenerationReq, CONTROL_TIMEOUT_S))
@@ -96,8 +104,7 @@ def add_weight_routes(app: FastAPI, engine_client: EngineClient) -> None:
         ("/update_weights_from_tensor", plain(parse_update_from_tensor, UpdateWeightsFromTensorReq, DISK_TIMEOUT_S),
          ["POST"]),
         ("/get_weights_by_name", get_weights_by_name, ["GET", "POST"]),
-        ("/update_weight_version", plain(parse_update_weight_version, UpdateWeightVersionReq, CONTROL_TIMEOUT_S),
-         ["POST"]),
+        ("/update_weight_version", update_weight_version, ["POST"]),
         ("/pause_generation", plain(parse_pause, PauseGenerationReq, CONTROL_TIMEOUT_S), ["POST"]),
         ("/continue_generation", continue_generation, ["POST"]),
         ("/release_memory_occupation", plain(parse_memory_tags, ReleaseMemoryReq, CONTROL_TIMEOUT_S), ["POST"]),

@@ -28,6 +28,8 @@ class Request:
     top_logprobs_num: int = 0
     token_ids_logprob: list[int] | None = None
     stream: bool = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -61,6 +63,9 @@ class Request:
     embed: bool = False
     embedding: list[float] | None = None
 
+    # Read from the KV slots' routing when the request finishes (before its slots are released).
+    routed_experts: Any = None   # torch.Tensor [tokens, MoE layers, top_k] int16
+
     # How many output tokens the front end has been sent, and whether it has the input logprobs.
     sent_tokens: int = 0
     sent_input_logprobs: bool = False
@@ -70,7 +75,8 @@ class Request:
         req = cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling_params=msg.sampling_params, seed=seed,
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
                   top_logprobs_num=msg.top_logprobs_num, token_ids_logprob=msg.token_ids_logprob,
-                  stream=msg.stream)
+                  stream=msg.stream, return_routed_experts=msg.return_routed_experts,
+                  routed_experts_start_len=msg.routed_experts_start_len)
         req.input_logprobs_pending = msg.return_logprob and msg.logprob_start_len >= 0
         return req
 

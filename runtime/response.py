@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ class ResponseBuilder:
         self.input_token_logprobs: list[float | None] | None = None
         self.input_top_logprobs: list | None = None
         self.input_token_ids_logprobs: list | None = None
+        self.routed_experts: bytes | None = None
+        self.routed_experts_shape: list[int] | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.output_ids.extend(out.new_token_ids)
@@ -44,6 +47,8 @@ class ResponseBuilder:
             self.input_token_logprobs = out.input_token_logprobs
             self.input_top_logprobs = out.input_top_logprobs
             self.input_token_ids_logprobs = out.input_token_ids_logprobs
+        if out.routed_experts is not None:
+            self.routed_experts, self.routed_experts_shape = out.routed_experts, out.routed_experts_shape
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason
@@ -97,6 +102,11 @@ class ResponseBuilder:
                 meta["input_token_ids_logprobs"] = self._entry_lists(self.input_token_ids_logprobs or [])
                 meta["output_token_ids_logprobs"] = self._entry_lists(self.output_token_ids_logprobs)
             meta["output_token_weight_versions"] = list(self.output_token_weight_versions)
+        if self.req.return_routed_experts and self.routed_experts is not None:
+            # sync/routed_experts_codec.py decodes it: base64 of little-endian int16 [tokens, MoE layers, top_k].
+            meta["routed_experts"] = base64.b64encode(self.routed_experts).decode("ascii")
+            meta["routed_experts_shape"] = list(self.routed_experts_shape)
+            meta["routed_experts_start_len"] = self.req.routed_experts_start_len
         result: dict[str, Any] = {}
         if self.tokenizer is not None:
             result["text"] = self.text()

@@ -22,6 +22,7 @@ from rollout.server.engine_client import ClientDisconnected, EngineClient, Engin
 from rollout.server.responses import encode_json, error_response, json_response, watch_disconnect
 from rollout.server.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                                     parse_timeout, parse_tokenize)
+from rollout.server.expert_routes import add_expert_routes
 from rollout.server.scoring_routes import add_scoring_routes
 from rollout.server.weight_routes import add_weight_routes
 from runtime.scoring_input import NEEDS_GENERATION
@@ -252,6 +253,7 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     # --- weight updates and generation control (rollout/server/weight_routes.py) ------------------------
     add_weight_routes(app, engine_client)
     add_scoring_routes(app, engine_client)
+    add_expert_routes(app, engine_client)
 
     if engine_client.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=engine_client.args.api_key)

@@ -46,7 +46,8 @@ def parse_json_body(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
 # --- /generate ------------------------------------------------------------------------------------
 
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
-                   "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream"}
+                   "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream",
+                   "return_routed_experts", "routed_experts_start_len"}
 # Fields of SGLang's GenerateReqInput that change nothing here: accepted with any value.
 SGLANG_IGNORED_FIELDS = {"log_metrics", "no_logs", "conversation_id", "custom_labels", "extra_key", "priority",
                          "data_parallel_rank", "routed_dp_rank", "routing_key", "stream_interval"}
@@ -54,7 +55,7 @@ SGLANG_IGNORED_FIELDS = {"log_metrics", "no_logs", "conversation_id", "custom_la
 # (null, false, [], {}, ""), so clients that send their defaults work, and a real use is a clear 400.
 SGLANG_UNSUPPORTED_FIELDS = {"input_embeds", "image_data", "video_data", "audio_data", "modalities",
                              "session_params", "lora_path", "lora_id", "custom_logit_processor",
-                             "return_hidden_states", "return_routed_experts", "bootstrap_host", "bootstrap_port",
+                             "return_hidden_states", "bootstrap_host", "bootstrap_port",
                              "bootstrap_room", "bootstrap_pair_key", "return_bytes", "return_entropy",
                              "require_reasoning", "background"}
 
@@ -160,6 +161,12 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
         inp.return_text_in_logprobs = _bool("return_text_in_logprobs", body["return_text_in_logprobs"])
     if "stream" in body:
         inp.stream = _bool("stream", body["stream"])
+    if body.get("return_routed_experts") is not None:
+        inp.return_routed_experts = _bool("return_routed_experts",
+                                          _uniform("return_routed_experts", body["return_routed_experts"], count))
+    if body.get("routed_experts_start_len") is not None:
+        inp.routed_experts_start_len = _int("routed_experts_start_len",
+                                            _uniform("routed_experts_start_len", body["routed_experts_start_len"], count))
     return inp
 
 

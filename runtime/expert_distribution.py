@@ -79,8 +79,10 @@ class ExpertDistributionRecorder:
             return
         ids = capture.stacked()  # [T, layers, k]
         num_layers, num_experts = self.layout.num_layers, self.layout.num_experts
-        flat = ids + torch.arange(num_layers, device=ids.device)[None, :, None] * num_experts
-        step = torch.bincount(flat.reshape(-1), minlength=num_layers * num_experts).view(num_layers, num_experts)
+        flat = (ids + torch.arange(num_layers, device=ids.device)[None, :, None] * num_experts).reshape(-1)
+        # index_add, not bincount: bincount sizes its output from the data, a host sync on a GPU.
+        step = torch.zeros(num_layers * num_experts, dtype=torch.int64, device=ids.device)
+        step = step.index_add_(0, flat, torch.ones_like(flat)).view(num_layers, num_experts)
         self.counts += step
         self.num_tokens += ids.shape[0]
         self.num_passes += 1

@@ -164,9 +164,10 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
     if body.get("return_routed_experts") is not None:
         inp.return_routed_experts = _bool("return_routed_experts",
                                           _uniform("return_routed_experts", body["return_routed_experts"], count))
-    if body.get("routed_experts_start_len") is not None:
+    start = body.get("routed_experts_start_len")
+    if start is not None:
         inp.routed_experts_start_len = _int("routed_experts_start_len",
-                                            _uniform("routed_experts_start_len", body["routed_experts_start_len"], count))
+                                            _uniform("routed_experts_start_len", start, count))
     return inp
 
 

@@ -30,8 +30,8 @@ def test_example_short_run(tmp_path: Path, name: str, extra: list[str]) -> None:
 
 
 def test_grpo_moe_short_run(tmp_path: Path) -> None:
-    """GRPO on a tiny MoE served in bf16: replaying the server's routing never widens the trainer's logprob
-    mismatch (it removes the flips; bf16 rounding stays), and the second step samples from pushed weights."""
+    """GRPO on a tiny MoE served in bf16 (an fp32 trainer): the two route some tokens differently, and
+    replaying the server's routing shrinks the trainer's logprob mismatch; step 2 samples from pushed weights."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "trainer_examples.grpo_moe", "--steps", "2", "--out", str(out),
                            "--server-device", "cpu"], capture_output=True, text=True, timeout=850)
@@ -42,6 +42,7 @@ def test_grpo_moe_short_run(tmp_path: Path) -> None:
     assert (out / "reward.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     for e in logs:
         assert e["tokens"] > 0 and e["update_s"] > 0, e
-        assert e["replay_mismatch_max"] < 1e-2, e  # bf16 rounding only
-        assert e["replay_mismatch_max"] <= e["natural_mismatch_max"], e
+        assert e["routing_differs"] > 0, e
+        assert e["replay_mismatch_mean"] < e["natural_mismatch_mean"], e
+        assert e["replay_mismatch_max"] < 0.2 < e["natural_mismatch_max"], e  # flips cost ~1 nat; bf16 ~5e-2
     assert logs[1]["rollout_version"] == "step-1"

@@ -64,7 +64,7 @@ class Scheduler(SchedulerBase):
         self.num_retractions = 0
         # MoE models: routing is kept per KV slot (runner.routed_experts); the record counts it.
         self.expert_recorder: ExpertDistributionRecorder | None = None
-        if runner.moe_layout is not None:
+        if getattr(runner, "moe_layout", None) is not None:
             self.expert_recorder = ExpertDistributionRecorder(
                 runner.moe_layout, args.expert_distribution_recorder_mode,
                 args.expert_distribution_recorder_buffer_size, args.expert_distribution_dir, runner.device)
@@ -430,7 +430,7 @@ class Scheduler(SchedulerBase):
     def _routed_experts(self, req: Request) -> torch.Tensor:
         """[n, MoE layers, top_k] experts of positions [routed_experts_start_len, seq_len - 1) that have KV
         (all of them, unless aborted early), read from the request's slots whoever computed them."""
-        pool = self.runner.routed_experts
+        pool = getattr(self.runner, "routed_experts", None)
         end = min(req.kv_len, len(req.input_ids) + len(req.output_ids) - 1) if req.req_pool_row is not None else 0
         start = min(req.routed_experts_start_len, end)
         if pool is None or end <= start:

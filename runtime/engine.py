@@ -17,12 +17,13 @@ import torch
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
+from runtime.generate_input import GenerateInput, NormalizedGenerate, check_routed_experts, normalize_generate
 from runtime.messages import (AbortRequest, ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
                               FlushCacheRequest, FlushCacheResult, GetWeightsByNameReq, InitWeightsUpdateGroupReq,
                               PauseGenerationReq, ReleaseMemoryReq, RequestOutput, ResumeMemoryReq, SchedulerInput,
                               UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
                               UpdateWeightsFromLocalTensorsReq, UpdateWeightVersionReq)
+from runtime.messages import ExpertDistributionReq
 from runtime.engine_scoring import EngineScoring
 from runtime.response import ResponseBuilder
 from runtime.scheduler_factory import build_scheduler
@@ -127,6 +128,7 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
         tokenize = None
         if self.tokenizer is not None:
             tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731
+        check_routed_experts(inp, getattr(self.runner, "moe_layout", None) is not None)
         return normalize_generate(inp, tokenize, self.runner.vocab_size, self.runner.context_len)
 
     # --- public API -----------------------------------------------------------------------------
@@ -135,13 +137,18 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
                  sampling_params: dict | list[dict] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, token_ids_logprob: list[int] | None = None,
                  stream: bool = False, rid: str | list[str] | None = None,
-                 return_text_in_logprobs: bool = False,
-                 return_sampling_mask: bool = False) -> dict | list[dict] | Iterator[dict]:
+                 return_text_in_logprobs: bool = False, return_sampling_mask: bool = False,
+                 return_routed_experts: bool = False,
+                 routed_experts_start_len: int = 0) -> dict | list[dict] | Iterator[dict]:
+        """With return_routed_experts (MoE models), meta_info.routed_experts holds the experts of positions
+        [routed_experts_start_len, prompt + output - 1) (sync.routed_experts_codec decodes it)."""
         inp = GenerateInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
                             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                             top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
                             return_text_in_logprobs=return_text_in_logprobs, stream=stream,
-                            return_sampling_mask=return_sampling_mask)
+                            return_sampling_mask=return_sampling_mask,
+                            return_routed_experts=return_routed_experts,
+                            routed_experts_start_len=routed_experts_start_len)
         norm = self._normalize(inp)
         unusable = self.scheduler.unusable
         if unusable is not None:  # HTTP answers 503 with the same message
@@ -292,6 +299,26 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
     def resume_memory_occupation(self, tags: list[str] | None = None) -> tuple[bool, str]:
         r = self._control(ResumeMemoryReq, tags=tags)
         return r.success, r.message
+
+    # --- the expert distribution record (MoE models; runtime/expert_distribution.py) ----------------
+
+    def _expert_distribution(self, action: str) -> ControlResult:
+        if getattr(self.runner, "moe_layout", None) is None:
+            raise ValueError("The expert distribution record needs a mixture-of-experts model; this one is dense.")
+        r = self._control(ExpertDistributionReq, action=action)
+        if not r.success:
+            raise ValueError(r.message)
+        return r
+
+    def start_expert_distribution_record(self) -> None:
+        self._expert_distribution("start")
+
+    def stop_expert_distribution_record(self) -> None:
+        self._expert_distribution("stop")
+
+    def dump_expert_distribution_record(self) -> dict:
+        """Write the record (safetensors and CSV) and start afresh: {"path", "csv_path", "summary"}."""
+        return dict(self._expert_distribution("dump").report)
 
     @property
     def weight_version(self) -> str:

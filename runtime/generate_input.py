@@ -30,6 +30,8 @@ class GenerateInput:
     return_text_in_logprobs: bool = False
     stream: bool = False
     return_sampling_mask: bool = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
 
 
 @dataclass
@@ -104,6 +106,15 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
             if not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise ValueError(f"token_ids_logprob contains {t!r}, outside the vocabulary [0, {vocab_size}).")
 
+    if not isinstance(inp.return_routed_experts, bool):
+        raise ValueError(f"return_routed_experts must be a boolean, got {inp.return_routed_experts!r}.")
+    start = inp.routed_experts_start_len
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"routed_experts_start_len must be a non-negative integer, got {start!r}.")
+    for p in prompts:
+        if start > len(p):
+            raise ValueError(f"routed_experts_start_len must be in [0, {len(p)}] (the prompt's length), got {start}.")
+
     rids = _rids(inp.rid, is_batch, len(prompts))
     requests: list[GenerateRequest] = []
     for prompt, sp, rid in zip(prompts, params, rids):
@@ -117,13 +128,21 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
                 rid=rid if sp.n == 1 else f"{rid}_{j}", input_ids=prompt, sampling_params=_sibling_params(sp, j),
                 return_logprob=inp.return_logprob, logprob_start_len=inp.logprob_start_len,
                 top_logprobs_num=inp.top_logprobs_num, token_ids_logprob=inp.token_ids_logprob,
-                stream=inp.stream, return_sampling_mask=inp.return_sampling_mask))
+                stream=inp.stream, return_sampling_mask=inp.return_sampling_mask,
+                return_routed_experts=inp.return_routed_experts, routed_experts_start_len=start))
     seen: set[str] = set()
     for r in requests:
         if r.rid in seen:
             raise ValueError(f"Duplicate request ID rid={r.rid!r} in one call.")
         seen.add(r.rid)
     return NormalizedGenerate(is_batch=is_batch or len(requests) > 1, requests=requests)
+
+
+def check_routed_experts(inp: GenerateInput, is_moe: bool) -> None:
+    """Routed experts exist only on a MoE model: asking a dense one is a clear error, not an empty answer."""
+    if inp.return_routed_experts and not is_moe:
+        raise ValueError("return_routed_experts=True needs a mixture-of-experts model; this model is dense "
+                         "(no MoE layer routes tokens).")
 
 
 def _sibling_params(sp: SamplingParams, j: int) -> SamplingParams:

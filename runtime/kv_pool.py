@@ -22,6 +22,8 @@ class KVPool:
         shape = (num_slots + 1, num_kv_heads, head_dim)
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # A MoE model's per-slot routing (runtime/routed_experts_pool.py): copied with the KV it belongs to.
+        self.routed_experts = None
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -36,6 +38,8 @@ class KVPool:
         for k, v in zip(self.k_buffers, self.v_buffers):
             k[dst] = k[src]
             v[dst] = v[src]
+        if self.routed_experts is not None:
+            self.routed_experts.copy_slots(src, dst)
 
     def release(self) -> None:
         """Free the buffers' memory; the tensor objects stay (the attention backend holds them)."""

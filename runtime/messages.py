@@ -23,6 +23,9 @@ class GenerateRequest(msgspec.Struct, tag=True, kw_only=True):
     token_ids_logprob: list[int] | None = None
     stream: bool = False
     return_sampling_mask: bool = False   # report each output token's sampling support (runtime/token_support.py)
+    # MoE models: return the experts of positions [routed_experts_start_len, seq_len - 1) (SGLang's fields).
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
 
 
 class EmbedRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -79,6 +82,9 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
     embedding: list[float] | None = None   # an EmbedRequest's result, with its final output
     # Aligned with new_token_ids when the request asked for them: kept token ids, None = no truncation.
     output_sampling_masks: list[list[int] | None] = []
+    # With return_routed_experts, on the final output: little-endian int16 [tokens, MoE layers, top_k].
+    routed_experts: bytes | None = None
+    routed_experts_shape: list[int] | None = None
 
 
 SchedulerInput = GenerateRequest | EmbedRequest | AbortRequest | FlushCacheRequest
@@ -238,7 +244,15 @@ class ControlResult(msgspec.Struct, tag=True, kw_only=True):
     report: dict | None = None         # what an update applied: names count, bytes, seconds, digest
 
 
+class ExpertDistributionReq(msgspec.Struct, tag=True, kw_only=True):
+    """/start_, /stop_, /dump_expert_distribution_record (runtime/expert_distribution.py); answered by a
+    ControlResult whose `report` holds a dump's paths and summary."""
+
+    id: int
+    action: str  # "start" | "stop" | "dump"
+
+
 ControlRequest = (UpdateWeightsFromDiskReq | InitWeightsUpdateGroupReq | UpdateWeightsFromDistributedReq
                   | DestroyWeightsUpdateGroupReq | UpdateWeightsFromTensorReq | GetWeightsByNameReq
                   | UpdateWeightVersionReq | PauseGenerationReq | ContinueGenerationReq | ReleaseMemoryReq
-                  | ResumeMemoryReq)
+                  | ResumeMemoryReq | ExpertDistributionReq)

@@ -12,7 +12,10 @@ from runtime.attention.registry import create_attention_backend
 from sync.flat_parameters import flatten_parameters
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
+from runtime.models.moe_layout import moe_layout
 from runtime.models.registry import get_model_class
+from runtime.routed_experts_pool import RoutedExpertsPool
+from runtime.routing_capture import RoutingCapture
 from runtime.server_args import ServerArgs
 from runtime.weight_loader import load_model_weights
 
@@ -54,6 +57,13 @@ class ModelRunner:
             self.context_len = num_slots
         self.kv_pool = KVPool(self.num_layers, num_slots, attn.num_kv_heads, attn.head_dim, self.dtype, self.device)
         self.backend = create_attention_backend(args.attention_backend, self.kv_pool)
+        # MoE models: every step records its routing beside the KV it writes (for routed experts and the
+        # expert distribution record); dense models record nothing.
+        self.moe_layout = moe_layout(self.hf_config, args.is_embedding)
+        self.routed_experts: RoutedExpertsPool | None = None
+        if self.moe_layout is not None:
+            self.routed_experts = RoutedExpertsPool(num_slots, self.moe_layout, self.device)
+            self.kv_pool.routed_experts = self.routed_experts
         logger.info("Model %s loaded: %d layers, KV pool of %d tokens (%.1f MiB), dtype %s, device %s.",
                     args.model_path, self.num_layers, num_slots, self.kv_pool.nbytes() / 2**20, self.dtype,
                     self.device)
@@ -76,5 +86,9 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits (fp32) of the rows batch.logits_indices names, [R, vocab]."""
         self.backend.prepare(batch)
+        if self.routed_experts is not None and batch.routing is None:
+            batch.routing = RoutingCapture()
         hidden = self.model(batch, self.backend)
+        if self.routed_experts is not None:
+            self.routed_experts.write(batch.out_slots, batch.routing)
         return self.model.compute_logits(hidden[batch.logits_indices])

@@ -30,6 +30,8 @@ class Request:
     stream: bool = False
     return_sampling_mask: bool = False
     grammar: Any = None  # a RequestGrammar (runtime/grammar.py) for a constrained request
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -64,6 +66,9 @@ class Request:
     embed: bool = False
     embedding: list[float] | None = None
 
+    # Read from the KV slots' routing when the request finishes (before its slots are released).
+    routed_experts: Any = None   # torch.Tensor [tokens, MoE layers, top_k] int16
+
     # How many output tokens the front end has been sent, and whether it has the input logprobs.
     sent_tokens: int = 0
     sent_input_logprobs: bool = False
@@ -73,7 +78,9 @@ class Request:
         req = cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling_params=msg.sampling_params, seed=seed,
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
                   top_logprobs_num=msg.top_logprobs_num, token_ids_logprob=msg.token_ids_logprob,
-                  stream=msg.stream, return_sampling_mask=msg.return_sampling_mask)
+                  stream=msg.stream, return_sampling_mask=msg.return_sampling_mask,
+                  return_routed_experts=msg.return_routed_experts,
+                  routed_experts_start_len=msg.routed_experts_start_len)
         req.input_logprobs_pending = msg.return_logprob and msg.logprob_start_len >= 0
         return req
 

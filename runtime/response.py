@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ class ResponseBuilder:
         self.input_token_logprobs: list[float | None] | None = None
         self.input_top_logprobs: list | None = None
         self.input_token_ids_logprobs: list | None = None
+        self.routed_experts: bytes | None = None
+        self.routed_experts_shape: list[int] | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.output_ids.extend(out.new_token_ids)
@@ -46,6 +49,8 @@ class ResponseBuilder:
             self.input_token_logprobs = out.input_token_logprobs
             self.input_top_logprobs = out.input_top_logprobs
             self.input_token_ids_logprobs = out.input_token_ids_logprobs
+        if out.routed_experts is not None:
+            self.routed_experts, self.routed_experts_shape = out.routed_experts, out.routed_experts_shape
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason
@@ -101,6 +106,11 @@ class ResponseBuilder:
             meta["output_token_weight_versions"] = list(self.output_token_weight_versions)
         if self.req.return_sampling_mask:  # SGLang's key; null for a token whose distribution was not cut
             meta["output_token_sampling_mask"] = list(self.output_sampling_masks)
+        if self.req.return_routed_experts and self.routed_experts is not None:
+            # sync/routed_experts_codec.py decodes it: base64 of little-endian int16 [tokens, MoE layers, top_k].
+            meta["routed_experts"] = base64.b64encode(self.routed_experts).decode("ascii")
+            meta["routed_experts_shape"] = list(self.routed_experts_shape)
+            meta["routed_experts_start_len"] = self.req.routed_experts_start_len
         result: dict[str, Any] = {}
         if self.tokenizer is not None:
             result["text"] = self.text()

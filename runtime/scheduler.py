@@ -19,8 +19,10 @@ import torch
 
 from runtime.cache_manager import CacheManager
 from runtime.forward_batch import ForwardBatch
+from runtime.expert_distribution import ExpertDistributionRecorder
 from runtime.grammar import GrammarCache, allowed_tokens, grammar_spec
-from runtime.messages import EmbedRequest, FlushCacheResult, GenerateRequest, RequestOutput
+from runtime.messages import (ControlResult, EmbedRequest, ExpertDistributionReq, FlushCacheResult, GenerateRequest,
+                              RequestOutput)
 from runtime.model_runner import ModelRunner
 from runtime.request import Request, RequestStatus
 from runtime.sampler import Sampler, logprob_entries, processed_logprobs
@@ -63,6 +65,13 @@ class Scheduler(SchedulerBase):
         self.rng = random.Random(args.random_seed)
         self.num_retractions = 0
         self.grammar_cache = grammar_cache  # None without a tokenizer: constrained requests are refused
+        # MoE models: routing is kept per KV slot (runner.routed_experts); the record counts it.
+        self.expert_recorder: ExpertDistributionRecorder | None = None
+        if getattr(runner, "moe_layout", None) is not None:
+            self.expert_recorder = ExpertDistributionRecorder(
+                runner.moe_layout, args.expert_distribution_recorder_mode,
+                args.expert_distribution_recorder_buffer_size, args.expert_distribution_dir, runner.device)
+        self._handlers[ExpertDistributionReq] = lambda m: [self._expert_distribution(m)]
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -119,6 +128,8 @@ class Scheduler(SchedulerBase):
         batch, sample_rows, lp_rows = self._build_batch(scheduled)
         logits = self.runner.forward(batch)
         self.forward_steps += 1
+        if self.expert_recorder is not None:
+            self.expert_recorder.record(batch.routing)
         outputs: list[RequestOutput] = []
         for s in scheduled:
             s.req.kv_len = s.kv_start + s.extend_len
@@ -399,6 +410,8 @@ class Scheduler(SchedulerBase):
         return None
 
     def _finish(self, req: Request) -> None:
+        if req.return_routed_experts:
+            req.routed_experts = self._routed_experts(req)
         self.cache_manager.release(req)
         if req in self.running:
             self.running.remove(req)
@@ -428,8 +441,37 @@ class Scheduler(SchedulerBase):
                 out.input_top_logprobs = req.input_top_logprobs if req.top_logprobs_num else None
                 out.input_token_ids_logprobs = req.input_token_ids_logprobs if req.token_ids_logprob is not None else None
                 req.sent_input_logprobs = True
+        if req.finished and req.routed_experts is not None:
+            out.routed_experts = req.routed_experts.cpu().numpy().astype("<i2").tobytes()
+            out.routed_experts_shape = list(req.routed_experts.shape)
         req.sent_tokens = len(req.output_ids)
         return out
+
+    # --- MoE routing ----------------------------------------------------------------------------
+
+    def _routed_experts(self, req: Request) -> torch.Tensor:
+        """[n, MoE layers, top_k] experts of positions [routed_experts_start_len, seq_len - 1) that have KV
+        (all of them, unless aborted early), read from the request's slots whoever computed them."""
+        pool = getattr(self.runner, "routed_experts", None)
+        end = min(req.kv_len, len(req.input_ids) + len(req.output_ids) - 1) if req.req_pool_row is not None else 0
+        start = min(req.routed_experts_start_len, end)
+        if pool is None or end <= start:
+            layers, k = (pool.layout.num_layers, pool.layout.top_k) if pool is not None else (0, 0)
+            return torch.zeros(0, layers, k, dtype=torch.int16)
+        return pool.read(self.cache_manager.slots(req, start, end))
+
+    def _expert_distribution(self, msg: ExpertDistributionReq) -> ControlResult:
+        report = None
+        if self.expert_recorder is None:
+            success, message = False, "The expert distribution record needs a MoE model; this one is dense."
+        else:
+            try:
+                message, report = self.expert_recorder.handle(msg.action)
+                success = True
+            except (ValueError, OSError) as e:  # an unknown action, an unwritable directory
+                success, message = False, str(e)
+        return ControlResult(id=msg.id, success=success, message=message, weight_version=self.weight_version,
+                             unusable=self.unusable, paused=self.paused is not None, report=report)
 
     # --- state ----------------------------------------------------------------------------------
 

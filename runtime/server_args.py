@@ -40,6 +40,10 @@ class ServerArgs:
     weight_update_receive: str = "direct"
     enable_metrics: bool = False           # GET /metrics in Prometheus text format (SGLang's flag)
     incremental_streaming_output: bool = False  # streamed chunks carry only the new output_ids / text
+    # MoE models: the expert distribution record (runtime/expert_distribution.py; docs/api.md).
+    expert_distribution_recorder_mode: str = "stat"      # stat | per_pass | per_token
+    expert_distribution_recorder_buffer_size: int = -1   # passes (per_pass) or tokens (per_token) kept; -1: all
+    expert_distribution_dir: str | None = None           # None: $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR, else tmp
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -53,6 +57,9 @@ class ServerArgs:
                              f"{self.chunked_prefill_size}.")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be at least 1, got {self.max_running_requests}.")
+        if self.expert_distribution_recorder_mode not in ("stat", "per_pass", "per_token"):
+            raise ValueError(f"expert_distribution_recorder_mode must be stat, per_pass or per_token, got "
+                             f"{self.expert_distribution_recorder_mode!r}.")
         if self.weight_update_receive not in ("direct", "buffered"):
             raise ValueError(f"weight_update_receive must be 'direct' or 'buffered', got "
                              f"{self.weight_update_receive!r}.")

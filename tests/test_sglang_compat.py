@@ -85,7 +85,7 @@ def test_router_defaults_are_accepted_and_change_nothing(server):
     ({"custom_logit_processor": "gASV..."}, ["custom_logit_processor", "run code on the server"]),
     ({"return_entropy": True}, ["return_entropy", "not supported"]),
     ({"lora_path": "/adapters/a"}, ["lora_path"]),
-    ({"routed_experts_start_len": 3}, ["routed_experts_start_len"]),
+    ({"return_routed_experts": True}, ["return_routed_experts"]),  # this server is dense
     ({"sampling_params": {"stop_regex": "a+b"}}, ["sampling_params.stop_regex", "not supported"]),
     ({"sampling_params": {"custom_params": {"k": 1}}}, ["sampling_params.custom_params"]),
     ({"return_logprobs": True}, ["Unknown field", "return_logprobs"]),

@@ -28,3 +28,22 @@ def test_example_short_run(tmp_path: Path, name: str, extra: list[str]) -> None:
         assert e["mismatch_max"] < 1e-2, e  # the server's logprobs are what the trainer computes
         assert e["update_s"] > 0  # every example pushes weights each step in its short mode
     assert logs[1]["rollout_version"] == "step-1", "step 2's rollouts must come from the pushed weights"
+
+
+def test_grpo_moe_short_run(tmp_path: Path) -> None:
+    """GRPO on a tiny MoE served in bf16 (an fp32 trainer): the two route some tokens differently, and
+    replaying the server's routing shrinks the trainer's logprob mismatch; step 2 samples from pushed weights."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "trainer_examples.grpo_moe", "--steps", "2", "--out", str(out),
+                           "--server-device", "cpu"], capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(proc.stdout[-2000:])
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs] == [1, 2]
+    assert (out / "reward.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    for e in logs:
+        assert e["tokens"] > 0 and e["update_s"] > 0, e
+        assert e["routing_differs"] > 0, e
+        assert e["replay_mismatch_mean"] < e["natural_mismatch_mean"], e
+        assert e["replay_mismatch_max"] < 0.2 < e["natural_mismatch_max"], e  # flips cost ~1 nat; bf16 ~5e-2
+    assert logs[1]["rollout_version"] == "step-1"

@@ -57,6 +57,17 @@ class GenerateResult(msgspec.Struct):
     def aborted(self) -> bool:
         return self.finish_reason.type == "abort"
 
+    @property
+    def routed_experts(self) -> Any:
+        """With return_routed_experts=True (MoE models): torch.Tensor [tokens, MoE layers, top_k] (int64) of
+        the experts of positions routed_experts_start_len .. prompt + output - 2, the rows
+        `sync.routing_replay.replay_routing` takes for the sequence prompt + output[:-1]. None when absent."""
+        data = self.meta_info.get("routed_experts")
+        if data is None:
+            return None
+        from sync.routed_experts_codec import decode_routed_experts  # torch only when asked for
+        return decode_routed_experts(data, self.meta_info["routed_experts_shape"])
+
 
 class EncodeResult(msgspec.Struct):
     """One /encode or /classify item. For a reward model the reward is `embedding[0]` (`.reward`)."""

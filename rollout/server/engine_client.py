@@ -25,7 +25,8 @@ from rollout.server.engine_process import EngineProcess
 from rollout.server.incremental_stream import IncrementalStream
 from rollout.server.ipc import InputCodec, OutputCodec, configure
 from rollout.server.metrics import RequestClock, ServerMetrics
-from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
+from runtime.generate_input import GenerateInput, NormalizedGenerate, check_routed_experts, normalize_generate
+from runtime.models.moe_layout import moe_layout
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EmbedRequest, EngineFailed, EngineReady,
                               FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
                               HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
@@ -80,6 +81,7 @@ class EngineClient:
         if not args.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self.hf_config = AutoConfig.from_pretrained(args.model_path)
+        self.moe_layout = moe_layout(self.hf_config, args.is_embedding)  # None: dense (no routed experts)
         self.weight_version = args.weight_version
         self.model_path = args.model_path                # the checkpoint last loaded from disk, as sent
         self.unusable: str | None = None                 # why the weights cannot serve (503), from the engine
@@ -247,6 +249,7 @@ class EngineClient:
         tokenize = None
         if self.tokenizer is not None:
             tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731
+        check_routed_experts(inp, self.moe_layout is not None)
         return normalize_generate(inp, tokenize, self.info.vocab_size, self.info.context_len)
 
     def submit(self, norm: NormalizedGenerate, return_text_in_logprobs: bool, stream: bool,

@@ -25,6 +25,7 @@ from rollout.server.responses import encode_json, error_response, json_response,
 from rollout.server.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                                     parse_timeout, parse_tokenize)
 from rollout.server.openai_routes import add_openai_routes
+from rollout.server.expert_routes import add_expert_routes
 from rollout.server.scoring_routes import add_scoring_routes
 from rollout.server.tokenize_routes import add_tokenize_routes
 from rollout.server.weight_routes import add_weight_routes
@@ -263,6 +264,7 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     # Routers' and monitoring's routes (/get_load, /v1/loads, /get_weight_version, /metrics), /v1/tokenize.
     add_info_routes(app, engine_client, _version())
     add_tokenize_routes(app, engine_client)
+    add_expert_routes(app, engine_client)
 
     if engine_client.args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=engine_client.args.api_key)

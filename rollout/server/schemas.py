@@ -49,7 +49,7 @@ def parse_json_body(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
 
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
                    "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "stream",
-                   "return_sampling_mask"}
+                   "return_sampling_mask", "return_routed_experts", "routed_experts_start_len"}
 # SGLang's other GenerateReqInput fields (rollout/server/sglang_fields.py); also used by /encode's parser.
 SGLANG_IGNORED_FIELDS = IGNORED_GENERATE_FIELDS
 SGLANG_UNSUPPORTED_FIELDS = UNSUPPORTED_GENERATE_FIELDS
@@ -161,6 +161,13 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
     if body.get("return_sampling_mask") is not None:
         inp.return_sampling_mask = _bool("return_sampling_mask",
                                          _uniform("return_sampling_mask", body["return_sampling_mask"], count))
+    if body.get("return_routed_experts") is not None:
+        inp.return_routed_experts = _bool("return_routed_experts",
+                                          _uniform("return_routed_experts", body["return_routed_experts"], count))
+    start = body.get("routed_experts_start_len")
+    if start is not None:
+        inp.routed_experts_start_len = _int("routed_experts_start_len",
+                                            _uniform("routed_experts_start_len", start, count))
     return inp
 
 

@@ -31,8 +31,7 @@ UNSUPPORTED_GENERATE_FIELDS: dict[str, Any] = {
     "session_params": None, "lora_path": None, "lora_id": None,
     # Ships pickled Python code to run on the server: never accepted (docs/api.md).
     "custom_logit_processor": None,
-    "positional_embed_overrides": None, "return_hidden_states": False, "return_routed_experts": False,
-    "routed_experts_start_len": 0, "return_indexer_topk": False,
+    "positional_embed_overrides": None, "return_hidden_states": False, "return_indexer_topk": False,
     "bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None, "bootstrap_pair_key": None,
     "require_reasoning": False, "max_thinking_tokens": None, "return_entropy": False,
     "return_prompt_token_ids": False, "return_flat_raw_top_logprobs": False,

@@ -36,6 +36,9 @@ class ServerArgs:
     # mid-broadcast leaves them unusable: 503 until the next good update), "buffered" receives whole first
     # (the old weights keep serving on a dead peer). docs/api.md, "Weight updates".
     weight_update_receive: str = "direct"
+    # Decode steps of up to cuda_graph_max_bs requests replay CUDA graphs captured at start-up (CUDA only).
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -48,6 +51,8 @@ class ServerArgs:
             raise ValueError(f"chunked_prefill_size must be at least 1, got {self.chunked_prefill_size}.")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be at least 1, got {self.max_running_requests}.")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be at least 1, got {self.cuda_graph_max_bs}.")
         if self.weight_update_receive not in ("direct", "buffered"):
             raise ValueError(f"weight_update_receive must be 'direct' or 'buffered', got "
                              f"{self.weight_update_receive!r}.")

@@ -2,9 +2,9 @@
 
 - disk: Engine.update_weights_from_disk (validate headers, copy in place, flush) vs reading the same
   safetensors tensors and `copy_` into the same parameters.
-- broadcast: a trainer process pushes every weight in buckets (gloo; NCCL with --backend nccl on CUDA), received by Engine.update_weights_
-  from_distributed (one request per bucket) vs one raw `dist.broadcast` of the same bytes as one flat
-  tensor between the same two processes, on the same group.
+- broadcast: a trainer process pushes every weight in buckets (gloo; NCCL with --device cuda), received
+  by Engine.update_weights_from_distributed (one request per bucket) vs one raw `dist.broadcast` of the
+  same bytes as one flat tensor between the same two processes, on the same group.
 - control: pause_generation + a zero-byte update + continue_generation, in ms, under load: generation
   requests are in flight the whole time, so the pause waits for the running step as it does when a
   trainer pushes weights during rollouts (the idle-engine figure is printed beside it).

@@ -96,6 +96,13 @@ class CudaGraphRunner:
         """Capture every bucket, largest first, all in one memory pool (a smaller graph reuses the larger
         ones' activation memory, as only one replays at a time)."""
         start = time.perf_counter()
+        with torch.cuda.device(self.device):
+            self._capture_all()
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("Captured CUDA graphs for decode batch sizes %s in %.2f s.", self.sizes, self.capture_seconds)
+
+    def _capture_all(self) -> None:
         self._pad_from(0)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
@@ -108,12 +115,10 @@ class CudaGraphRunner:
                     self._forward(batch)
             current.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            # thread_local: CUDA calls of other threads (a process group's watchdog) do not break the capture.
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self.outputs[size] = self._forward(batch)
             self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
-        self.capture_seconds = time.perf_counter() - start
-        logger.info("Captured CUDA graphs for decode batch sizes %s in %.2f s.", self.sizes, self.capture_seconds)
 
     def _pad_from(self, b: int) -> None:
         """Rows b.. are padding: one key, the pad slot's, written and read by nobody else."""
@@ -138,6 +143,7 @@ class CudaGraphRunner:
             self._pad_from(b)
         self.num_replays += 1
         if self.use_graphs:
-            self.graphs[size].replay()
+            with torch.cuda.device(self.device):   # the graph replays on the current device's stream
+                self.graphs[size].replay()
             return self.outputs[size][:b]
         return self._forward(self._static_batch(size))[:b]

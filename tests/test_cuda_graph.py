@@ -30,15 +30,17 @@ def _params() -> list[dict]:
     return [{"temperature": 0.0, "ignore_eos": True, "max_new_tokens": n} for n in (3, 5, 7, 9, 11)]
 
 
-def run_decodes(model_path: str, engine_args: dict, static_decode: bool) -> dict:
+def run_decodes(model_path: str, engine_args: dict, static_decode: bool, decode_splits: int | None = None) -> dict:
     """Greedy outputs of PROMPTS; with static_decode the engine's decode steps go through the graph
-    runner's static buffers, run eagerly (how the path is tested without a GPU)."""
+    runner's static buffers, run eagerly (how the path is tested without a GPU). decode_splits: the
+    Triton backend's split count (slices of the reserved split buffers; the interpreter's default is 1)."""
     from runtime.engine import Engine
 
     eng = Engine(model_path, skip_tokenizer_init=True, progress=False, cuda_graph_max_bs=MAX_BS, **engine_args)
     try:
         if static_decode:
             eng.runner.capture_cuda_graphs(capture=False)
+            eng.runner.backend.decode_splits = decode_splits
         out = eng.generate(input_ids=PROMPTS, sampling_params=_params(), return_logprob=True)
         graph = eng.runner.graph_runner
         return {"outputs": out, "replays": graph.num_replays if graph else 0, "steps": eng.scheduler.forward_steps}
@@ -69,10 +71,11 @@ def test_buckets():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[dev]')")
-def test_static_decode_path_matches_torch_backend(triton_interpreter, tiny_llama):
+@pytest.mark.parametrize("splits", [None, 3])
+def test_static_decode_path_matches_torch_backend(triton_interpreter, tiny_llama, splits):
     args = dict(device="cpu", dtype="float32", max_total_tokens=512, context_length=64)
     ref = run_decodes(tiny_llama, {**args, "attention_backend": "torch"}, static_decode=False)
-    ours = triton_interpreter.run(run_decodes, tiny_llama, {**args, "attention_backend": "triton"}, True)
+    ours = triton_interpreter.run(run_decodes, tiny_llama, {**args, "attention_backend": "triton"}, True, splits)
     _assert_same(ours["outputs"], ref["outputs"])
     # 10 decode steps; the two of 5 requests (> 4) are not served from the static buffers.
     assert ours["steps"] == 11 and ours["replays"] == 8, ours

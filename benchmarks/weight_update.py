@@ -2,9 +2,9 @@
 
 - disk: Engine.update_weights_from_disk (validate headers, copy in place, flush) vs reading the same
   safetensors tensors and `copy_` into the same parameters.
-- broadcast: a trainer process pushes every weight in gloo buckets, received by Engine.update_weights_
-  from_distributed (one request per bucket) vs one raw `dist.broadcast` of the same bytes as one flat
-  tensor between the same two processes, on the same group.
+- broadcast: a trainer process pushes every weight in buckets (gloo; NCCL with --device cuda), received
+  by Engine.update_weights_from_distributed (one request per bucket) vs one raw `dist.broadcast` of the
+  same bytes as one flat tensor between the same two processes, on the same group.
 - control: pause_generation + a zero-byte update + continue_generation, in ms, under load: generation
   requests are in flight the whole time, so the pause waits for the running step as it does when a
   trainer pushes weights during rollouts (the idle-engine figure is printed beside it).
@@ -30,7 +30,7 @@ GROUP = "bench_weight_group"
 
 
 def _trainer(port: int, names: list[str], ckpt: str, bucket_bytes: int, repeats: int, flat_params: bool,
-             go, done) -> None:
+             go, done, backend: str = "gloo", dtype: str = "float32") -> None:
     """Rank 0: for each repeat, one bucketed push, then one raw flat broadcast of the same bytes.
 
     flat_params: the trainer laid its parameters out with sync.flatten_parameters (buckets go out as views
@@ -38,15 +38,17 @@ def _trainer(port: int, names: list[str], ckpt: str, bucket_bytes: int, repeats:
     torch.set_num_threads(1)
     from sync import WeightSender, flatten_parameters, init_custom_process_group, iterate_checkpoint, tcp_init_method
 
+    device = "cuda" if backend == "nccl" else "cpu"   # NCCL sends CUDA tensors, gloo CPU ones
     tensors = dict(iterate_checkpoint(ckpt))
-    named = [(n, tensors[n].contiguous()) for n in names]
+    # In the server's dtype, as a trainer sends them (the announced specs are the server's).
+    named = [(n, tensors[n].to(device, getattr(torch, dtype)).contiguous()) for n in names]
     if flat_params:
         holder = torch.nn.Module()
         for i, (_, t) in enumerate(named):
             holder.register_parameter(f"p{i}", torch.nn.Parameter(t, requires_grad=False))
         flatten_parameters(holder)
         named = [(n, p.data) for (n, _), p in zip(named, holder.parameters())]
-    group = init_custom_process_group("gloo", tcp_init_method("127.0.0.1", port), 2, 0, GROUP, timeout=300)
+    group = init_custom_process_group(backend, tcp_init_method("127.0.0.1", port), 2, 0, GROUP, timeout=300)
     sender = WeightSender(group, bucket_bytes=bucket_bytes)
     # The same bytes as one flat tensor. Written, not just allocated: untouched pages all map the kernel's
     # shared zero page, which the send would read from cache, far faster than real memory.
@@ -56,6 +58,8 @@ def _trainer(port: int, names: list[str], ckpt: str, bucket_bytes: int, repeats:
         sender.send_buckets(named)
         assert go.get() == "raw"
         dist.broadcast(flat, group=group, group_src=0)
+        if backend == "nccl":
+            torch.cuda.synchronize()
     done.put("ok")
     go.get()  # the receiver leaves the group first
     dist.destroy_process_group(group)
@@ -85,8 +89,8 @@ def bench_disk(eng, model_path: str, repeats: int) -> tuple[float, float]:
     return _best(ours), _best(raw)
 
 
-def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int,
-                    flat_params: bool) -> tuple[float, float, int, dict[str, int]]:
+def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int, flat_params: bool,
+                    backend: str = "gloo") -> tuple[float, float, int, dict[str, int]]:
     from rollout.client.local_server import free_port
     from sync import plan_buckets
     from sync.sender import VIEW_BUCKET_BYTES
@@ -100,12 +104,14 @@ def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int,
     ctx = mp.get_context("spawn")
     go, done = ctx.Queue(), ctx.Queue()
     port = free_port()
-    proc = ctx.Process(target=_trainer, args=(port, names, model_path, bucket_bytes, repeats, flat_params, go, done), daemon=True)
+    dtype = str(specs[0][2]).removeprefix("torch.")
+    proc = ctx.Process(target=_trainer, args=(port, names, model_path, bucket_bytes, repeats, flat_params, go, done,
+                                              backend, dtype), daemon=True)
     proc.start()
-    ok, msg = eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=GROUP, backend="gloo", timeout=300)
+    ok, msg = eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=GROUP, backend=backend, timeout=300)
     assert ok, msg
     group = eng.scheduler.controller.updater.groups[GROUP].group
-    flat = torch.empty(total, dtype=torch.uint8)
+    flat = torch.empty(total, dtype=torch.uint8, device=eng.runner.device if backend == "nccl" else "cpu")
     receiver = eng.scheduler.controller.updater.receiver
     paths: dict[str, int] = {}  # buckets per receive path (sync.model_receiver), over all repeats
     ours, raw = [], []
@@ -121,6 +127,8 @@ def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int,
         t0 = time.perf_counter()
         go.put("raw")
         dist.broadcast(flat, group=group, group_src=0)
+        if backend == "nccl":
+            torch.cuda.synchronize(flat.device)
         raw.append(time.perf_counter() - t0)
     assert done.get(timeout=300) == "ok"
     eng.destroy_weights_update_group(GROUP)
@@ -178,7 +186,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--receive", choices=["direct", "buffered"], default="direct",
                         help="the server's --weight-update-receive mode")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                        help="broadcast backend (default: nccl on CUDA, gloo on CPU)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: disk, unflat, control")
     args = parser.parse_args()
+    backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    skip = set(filter(None, args.skip.split(",")))
 
     from runtime.engine import Engine
 
@@ -192,20 +207,25 @@ def main() -> None:
     else:
         from runtime.default_model import default_model_path
         model_path = default_model_path()
-    eng = Engine(model_path, dtype="float32", device="cpu", skip_tokenizer_init=True, max_total_tokens=4096,
+    eng = Engine(model_path, dtype=args.dtype, device=args.device, skip_tokenizer_init=True, max_total_tokens=4096,
                  progress=False, weight_update_receive=args.receive)
+    nan = float("nan")
     try:
-        disk, disk_raw = bench_disk(eng, model_path, args.repeats)
+        disk, disk_raw = bench_disk(eng, model_path, args.repeats) if "disk" not in skip else (nan, nan)
         bucket_bytes = int(args.bucket_mb * 2**20)
-        bc, bc_raw, nbytes, paths = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=True)
-        bc_copy, bc_copy_raw, _, _ = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=False)
-        control_ms, control_idle_ms = bench_control(eng, max(args.repeats * 10, 20))
+        bc, bc_raw, nbytes, paths = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=True,
+                                                    backend=backend)
+        bc_copy, bc_copy_raw = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=False,
+                                               backend=backend)[:2] if "unflat" not in skip else (nan, nan)
+        control_ms, control_idle_ms = bench_control(eng, max(args.repeats * 10, 20)) if "control" not in skip \
+            else (nan, nan)
     finally:
         eng.shutdown()
         if tmp is not None:
             tmp.cleanup()
     result = {
         "model_path": model_path, "bytes": nbytes, "torch_threads": torch.get_num_threads(),
+        "device": args.device, "dtype": args.dtype, "backend": backend,
         "disk_s": disk, "disk_raw_s": disk_raw, "disk_ratio": disk / disk_raw,
         "broadcast_s": bc, "broadcast_raw_s": bc_raw, "broadcast_ratio": bc / bc_raw,
         "broadcast_receive": args.receive, "broadcast_paths": paths,

@@ -24,7 +24,17 @@ def triton_installed() -> bool:
 
 
 def triton_interpreting() -> bool:
+    """Whether Triton runs its interpreter in this process. Triton reads TRITON_INTERPRET when it is
+    imported and through its knobs, with these truthy spellings; reading the variable here keeps the
+    check free of importing triton."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_triton_device(device: torch.device, error: type[Exception] = ValueError) -> None:
+    """Raise `error` unless Triton kernels can run on tensors of `device` in this process."""
+    if device.type != "cuda" and not triton_interpreting():
+        raise error(f"Triton kernels run on CUDA tensors, or on {device.type} tensors only in Triton's "
+                    f"interpreter: set TRITON_INTERPRET=1 before triton is imported.")
 
 
 def choose_implementation(requested: str, device: torch.device) -> Literal["torch", "triton"]:
@@ -36,7 +46,5 @@ def choose_implementation(requested: str, device: torch.device) -> Literal["torc
         raise ValueError(f"kernel implementation must be one of {', '.join(IMPLEMENTATIONS)}; got {requested!r}.")
     if not triton_installed():
         raise ValueError("kernel implementation 'triton' needs the triton package (pip install triton).")
-    if device.type != "cuda" and not triton_interpreting():
-        raise ValueError(f"Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); "
-                         f"these are on {device}.")
+    check_triton_device(device)
     return "triton"

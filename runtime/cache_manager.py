@@ -149,8 +149,9 @@ class CacheManager:
 
     def alloc_decode(self, decodes: list[Request]) -> None:
         """One slot per decoding request, at position kv_len; ensure_decode_room must have said yes."""
-        rows = torch.tensor([r.req_pool_row for r in decodes])
-        cur = torch.tensor([r.kv_len for r in decodes])
+        host = torch.device("cpu")  # the allocator counts new pages on the host, free of a device sync
+        rows = torch.tensor([r.req_pool_row for r in decodes], device=host)
+        cur = torch.tensor([r.kv_len for r in decodes], device=host)
         last = self._req_pool.table[rows, (cur - 1).clamp(min=0)]
         slots = self._allocator.alloc_decode(cur, last)
         assert slots is not None, "decode allocation failed after ensuring free memory"
@@ -186,7 +187,8 @@ class CacheManager:
 
     def first_slots(self, reqs: list[Request]) -> list[int]:
         """The slot of position 0 of each request: equal for requests reading the same cached prefix."""
-        return self._req_pool.table[torch.tensor([r.req_pool_row for r in reqs]), 0].tolist()
+        rows = torch.tensor([r.req_pool_row for r in reqs], device=self._req_pool.table.device)
+        return self._req_pool.table[rows, 0].tolist()
 
     def slots_at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The slot of one position per table row (the decode tokens' output slots)."""

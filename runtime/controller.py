@@ -45,7 +45,7 @@ class Controlled(Protocol):
     runtime/scheduler.py's Scheduler (paged KV, prefix cache) and runtime/encoder_scheduler.py's
     EncoderScheduler (bidirectional encoders, no KV: its KV methods do nothing) provide."""
 
-    runner: Any                 # .model (the HF-named weight interface), .device, .args
+    runner: Any                 # .model (the HF-named weight interface), .device, .args, .memory_released()
     weight_version: str
     paused: str | None
     unusable: str | None
@@ -262,6 +262,8 @@ class Controller:
         if "weights" in tags:
             self.updater.release()
         self.s.memory_released = self.kv_released or self.updater.released
+        if self.s.memory_released:
+            self.s.runner.memory_released()
         return self._result(msg, True, f"Released {tags}.")
 
     def _resume_memory(self, msg: ResumeMemoryReq, outputs: list) -> ControlResult:
@@ -278,4 +280,6 @@ class Controller:
             self.s.unusable = ("The weights were released and resumed without their values; update the weights "
                                "before generating.")
         self.s.memory_released = self.kv_released or self.updater.released
+        if not self.s.memory_released:
+            self.s.runner.memory_resumed()
         return self._result(msg, True, message)

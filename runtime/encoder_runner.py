@@ -40,6 +40,14 @@ class EncoderRunner:
         logger.info("Encoder %s loaded: %s, dtype %s, device %s.", args.model_path, model_cls.__name__,
                     self.dtype, self.device)
 
+    def memory_released(self) -> None:
+        """The weights were freed: on CUDA, give the memory back to the device."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_resumed(self) -> None:
+        pass
+
     @torch.inference_mode()
     def forward(self, input_ids: list[list[int]], token_type_ids: list[list[int] | None]) -> torch.Tensor:
         """The model's pooled output per sequence, fp32 [B, out]."""

@@ -243,7 +243,7 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
         return r.success, r.message
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                                  group_name: str = "weight_update_group", backend: str = "nccl",
+                                  group_name: str = "weight_update_group", backend: str | None = None,
                                   timeout: float = 300.0) -> tuple[bool, str]:
         r = self._control(InitWeightsUpdateGroupReq, master_address=master_address, master_port=master_port,
                           rank_offset=rank_offset, world_size=world_size, group_name=group_name, backend=backend,

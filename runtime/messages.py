@@ -159,7 +159,7 @@ class InitWeightsUpdateGroupReq(msgspec.Struct, tag=True, kw_only=True):
     rank_offset: int
     world_size: int
     group_name: str = "weight_update_group"
-    backend: str = "nccl"
+    backend: str | None = None  # None: "nccl" on a CUDA server, "gloo" on a CPU one (API.md's "nccl" on GPUs)
     timeout: float = 300.0  # seconds: the join, and later every broadcast on the group
 
 

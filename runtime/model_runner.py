@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from runtime.attention.registry import create_attention_backend
+from runtime.cuda_graph_runner import CudaGraphRunner
 from sync.flat_parameters import flatten_parameters
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
@@ -64,6 +65,8 @@ class ModelRunner:
         if self.moe_layout is not None:
             self.routed_experts = RoutedExpertsPool(num_slots, self.moe_layout, self.device)
             self.kv_pool.routed_experts = self.routed_experts
+        self.graph_runner: CudaGraphRunner | None = None
+        self.capture_cuda_graphs()
         logger.info("Model %s loaded: %d layers, KV pool of %d tokens (%.1f MiB), dtype %s, device %s.",
                     args.model_path, self.num_layers, num_slots, self.kv_pool.nbytes() / 2**20, self.dtype,
                     self.device)
@@ -82,9 +85,41 @@ class ModelRunner:
         cap = self.context_len * self.args.max_running_requests
         return int(max(min(budget // per_token, cap), self.context_len))
 
+    def cuda_graphs_wanted(self) -> bool:
+        """CUDA graphs for decode: on CUDA, unless disabled, with a backend and model that allow them
+        (MoE layers count tokens per expert on the host, which a graph cannot)."""
+        return (self.device.type == "cuda" and not self.args.disable_cuda_graph and not self.args.is_embedding
+                and self.backend.supports_cuda_graph and getattr(self.model, "supports_cuda_graph", True))
+
+    def capture_cuda_graphs(self, capture: bool = True) -> None:
+        """Capture decode graphs (runtime/cuda_graph_runner.py) if wanted; capture=False builds the same
+        static-buffer path run eagerly, whatever the device (for tests)."""
+        if capture and not self.cuda_graphs_wanted():
+            return
+        attn = self.model.model.layers[0].self_attn
+        self.graph_runner = CudaGraphRunner(
+            self.model, self.backend, self.kv_pool.pad_slot,
+            min(self.args.cuda_graph_max_bs, self.args.max_running_requests), self.context_len,
+            attn.num_heads, attn.head_dim, self.device, capture=capture)
+
+    def memory_released(self) -> None:
+        """The KV pool or the weights were freed: graphs holding their addresses go, and on CUDA the freed
+        memory returns to the device (a colocated trainer can allocate it)."""
+        self.graph_runner = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def memory_resumed(self) -> None:
+        """Everything is back (at new addresses): capture the graphs again."""
+        if self.graph_runner is None:
+            self.capture_cuda_graphs()
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits (fp32) of the rows batch.logits_indices names, [R, vocab]."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
         self.backend.prepare(batch)
         if self.routed_experts is not None and batch.routing is None:
             batch.routing = RoutingCapture()

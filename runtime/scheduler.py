@@ -306,12 +306,13 @@ class Scheduler(SchedulerBase):
                     sample_rows[i] = len(logits_indices)
                     logits_indices.append(last_row)
             t += n
-        rows = torch.tensor([s.req.req_pool_row for s in scheduled])
-        prefix_lens = torch.tensor([s.kv_start for s in scheduled])
-        extend_lens = torch.tensor([s.extend_len for s in scheduled])
+        host = torch.device("cpu")  # built on the host, moved to the device once below
+        rows = torch.tensor([s.req.req_pool_row for s in scheduled], device=host)
+        prefix_lens = torch.tensor([s.kv_start for s in scheduled], device=host)
+        extend_lens = torch.tensor([s.extend_len for s in scheduled], device=host)
         seq_lens = prefix_lens + extend_lens
         for s in scheduled[:num_extend]:
-            positions.append(torch.arange(s.kv_start, s.kv_start + s.extend_len))
+            positions.append(torch.arange(s.kv_start, s.kv_start + s.extend_len, device=host))
             out_slots.append(self.cache_manager.slots(s.req, s.kv_start, s.kv_start + s.extend_len))
         if num_extend < len(scheduled):
             dec_rows, dec_pos = rows[num_extend:], prefix_lens[num_extend:]
@@ -347,7 +348,7 @@ class Scheduler(SchedulerBase):
             last_pos = min(end, prompt_len - 1)
             if last_pos > pos0:
                 rows = logits[row0:row0 + last_pos - pos0]
-                targets = torch.tensor(req.input_ids[pos0 + 1:last_pos + 1])
+                targets = torch.tensor(req.input_ids[pos0 + 1:last_pos + 1], device=logits.device)
                 lp = processed_logprobs(rows, req.sampling_params.temperature)
                 chosen, top, by_id = logprob_entries(lp, targets, req.top_logprobs_num, req.token_ids_logprob)
                 req.input_token_logprobs.extend(chosen)
@@ -372,7 +373,7 @@ class Scheduler(SchedulerBase):
         reqs = [scheduled[i].req for i, _ in todo]
         row_ids = [r for _, r in todo]
         # Usually every logits row samples, in order: skip the [R, vocab] gather then.
-        rows = logits if row_ids == list(range(logits.shape[0])) else logits[torch.tensor(row_ids)]
+        rows = logits if row_ids == list(range(logits.shape[0])) else logits[torch.tensor(row_ids, device=logits.device)]
         want_support = [r.return_sampling_mask for r in reqs]
         out = self.sampler.sample(rows, reqs, [r.return_logprob for r in reqs], [r.top_logprobs_num for r in reqs],
                                   [r.token_ids_logprob for r in reqs],

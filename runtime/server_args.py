@@ -44,6 +44,9 @@ class ServerArgs:
     expert_distribution_recorder_mode: str = "stat"      # stat | per_pass | per_token
     expert_distribution_recorder_buffer_size: int = -1   # passes (per_pass) or tokens (per_token) kept; -1: all
     expert_distribution_dir: str | None = None           # None: $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR, else tmp
+    # Decode steps of up to cuda_graph_max_bs requests replay CUDA graphs captured at start-up (CUDA only).
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -60,6 +63,8 @@ class ServerArgs:
         if self.expert_distribution_recorder_mode not in ("stat", "per_pass", "per_token"):
             raise ValueError(f"expert_distribution_recorder_mode must be stat, per_pass or per_token, got "
                              f"{self.expert_distribution_recorder_mode!r}.")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be at least 1, got {self.cuda_graph_max_bs}.")
         if self.weight_update_receive not in ("direct", "buffered"):
             raise ValueError(f"weight_update_receive must be 'direct' or 'buffered', got "
                              f"{self.weight_update_receive!r}.")

@@ -35,6 +35,12 @@ TENSOR_LOAD_FORMATS = (None, "auto", "safetensors")
 DISTRIBUTED_LOAD_FORMATS = (None, "auto", "flattened_bucket")
 
 
+def default_backend(device: torch.device) -> str:
+    """The broadcast backend a group gets when the trainer names none: NCCL between CUDA devices, gloo
+    (CPU tensors) otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 class _Group:
     def __init__(self, group: dist.ProcessGroup, backend: str, timeout: float, where: str):
         self.group = group
@@ -93,15 +99,16 @@ class WeightUpdater:
         if msg.group_name in self.groups:
             raise WeightUpdateError(f"A weight-update group named {msg.group_name!r} already exists "
                                     f"({self.groups[msg.group_name].where}); destroy it first.")
-        if msg.backend == "nccl" and self.device.type != "cuda":
+        backend = msg.backend or default_backend(self.device)
+        if backend == "nccl" and self.device.type != "cuda":
             raise WeightUpdateError(f"backend='nccl' needs a CUDA device; this server runs on {self.device.type}"
                                     " (use backend='gloo').")
         rank = msg.rank_offset + self.tp_rank
         init_method = tcp_init_method(msg.master_address, msg.master_port)
-        group = init_custom_process_group(msg.backend, init_method, msg.world_size, rank, msg.group_name,
+        group = init_custom_process_group(backend, init_method, msg.world_size, rank, msg.group_name,
                                           timeout=msg.timeout)  # GroupJoinError names the address
-        where = f"{init_method}, rank {rank} of {msg.world_size}, {msg.backend}"
-        self.groups[msg.group_name] = _Group(group, msg.backend, msg.timeout, where)
+        where = f"{init_method}, rank {rank} of {msg.world_size}, {backend}"
+        self.groups[msg.group_name] = _Group(group, backend, msg.timeout, where)
         return where
 
     def destroy_group(self, group_name: str) -> None:
@@ -145,6 +152,10 @@ class WeightUpdater:
                 report = self.receiver.receive_tensors(g.group, specs, targets, device)
         except (BroadcastError, PartialUpdateError) as e:
             raise type(e)(f"{e} (group {msg.group_name!r}: {g.where}, timeout {g.timeout:g} s)") from e
+        if g.backend == "nccl":
+            # NCCL receives on its own stream; the forward passes run on this one. Wait here, so the next
+            # step (and the update's reported time) sees the weights landed, whatever stream it uses.
+            torch.cuda.current_stream(self.device).synchronize()
         if refusal is not None:
             raise refusal
         return report

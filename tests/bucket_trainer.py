@@ -25,17 +25,20 @@ def named_in_order(ckpt: str, scale: float, seed: int, order: list[str],
     return [(n, tensors[n]) for n in order]
 
 
-def run(port: int, group_name: str, ckpt: str, pushes, replies) -> None:
+def run(port: int, group_name: str, ckpt: str, pushes, replies, backend: str = "gloo") -> None:
+    """backend "gloo" sends CPU tensors, "nccl" CUDA tensors (the same code path otherwise)."""
     torch.set_num_threads(1)
     from sync import WeightSender, init_custom_process_group, tcp_init_method
     from weight_trainer import _die_before_broadcast
 
-    group = init_custom_process_group("gloo", tcp_init_method("127.0.0.1", port), 2, 0, group_name,
+    device = "cuda" if backend == "nccl" else "cpu"
+    group = init_custom_process_group(backend, tcp_init_method("127.0.0.1", port), 2, 0, group_name,
                                       timeout=GROUP_TIMEOUT)
     while (push := pushes.get()) is not None:
         if push.get("die_after") is not None:
             _die_before_broadcast(push["die_after"])
         named = named_in_order(ckpt, push["scale"], push["seed"], push["order"], push.get("source", "checkpoint"))
+        named = [(n, t.to(device)) for n, t in named]
         sender = WeightSender(group, bucket_bytes=push["bucket_bytes"])
         if push["load_format"] == "flattened_bucket":
             sender.send_buckets(named)

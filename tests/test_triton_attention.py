@@ -1,6 +1,6 @@
 """The Triton attention kernels and backend against their torch references, on every CPU.
 
-On CPU the kernels run in Triton's interpreter, in one worker process (tests/triton_cases.py says why);
+On CPU the kernels run in Triton's interpreter, in one child process (tests/triton_interpret.py says why);
 fp32 results must match the reference to float noise, fp16/bf16 to their rounding. The engine runs end to
 end with --attention-backend triton (interpreted) against the torch backend: chunked prefill, prefix-cache
 hits, paging and retraction give the same greedy tokens and logprobs within 1e-5.
@@ -44,9 +44,9 @@ TOL = {torch.float32: dict(atol=2e-6, rtol=2e-5), torch.float16: dict(atol=3e-3,
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with triton_cases.interpreter_worker() as pool:
-        yield lambda fn, *args, **kwargs: pool.submit(fn, *args, **kwargs).result()
+def interpreter(triton_interpreter):
+    """The session's interpreting child process (tests/triton_interpret.py), as a call."""
+    return triton_interpreter.run
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:

@@ -34,14 +34,16 @@ CHECK = ("model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", 
 class Link:
     """An Engine joined to one trainer process on its own group."""
 
-    def __init__(self, eng: Engine, ckpt: str, name: str):
+    def __init__(self, eng: Engine, ckpt: str, name: str, backend: str = "gloo", announce: str | None = "same"):
+        """`announce`: the backend the engine is asked to join with ("same": `backend`; None: its default)."""
         ctx = mp.get_context("spawn")
         self.eng, self.ckpt, self.name = eng, ckpt, name
         self.pushes, self.replies = ctx.Queue(), ctx.Queue()
         port = free_port()
-        self.proc = ctx.Process(target=run, args=(port, name, ckpt, self.pushes, self.replies), daemon=True)
+        self.proc = ctx.Process(target=run, args=(port, name, ckpt, self.pushes, self.replies, backend), daemon=True)
         self.proc.start()
-        ok, msg = eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=name, backend="gloo", timeout=30)
+        ok, msg = eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=name, timeout=30,
+                                                backend=backend if announce == "same" else announce)
         assert ok, msg
 
     def push(self, order: list[str], load_format: str | None, scale: float, seed: int,
@@ -86,9 +88,19 @@ def hf_order(ckpt) -> list[str]:
     return [n for n, _ in AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).named_parameters()]
 
 
-def _engine(ckpt: str, mode: str) -> Engine:
+def _engine(ckpt: str, mode: str, device: str = "cpu") -> Engine:
     return Engine(ckpt, skip_tokenizer_init=True, max_total_tokens=2048, progress=False, weight_update_receive=mode,
-                  device="cpu", dtype="float32")
+                  device=device, dtype="float32")
+
+
+# The broadcast backend and the server's device: the same code path for both. NCCL refuses two ranks on
+# one GPU, so the trainer and the engine need a device each.
+BACKENDS = [
+    pytest.param("gloo", "cpu", id="gloo-cpu"),
+    pytest.param("nccl", "cuda", id="nccl-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="NCCL between a trainer and a server needs two CUDA devices "
+                                              "(NCCL refuses two ranks on one GPU)")]),
+]
 
 
 def _greedy(eng: Engine) -> list[int]:
@@ -110,33 +122,53 @@ def direct(ckpt):
     eng.shutdown()
 
 
-def test_direct_buckets_in_checkpoint_order(direct, ckpt, hf_order):
-    link = Link(direct, ckpt, "direct-ok")
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_direct_buckets_in_checkpoint_order(backend, device, direct, ckpt, hf_order):
+    # The trainer sends from cuda:0 (its default device); the engine receives on cuda:1.
+    eng = direct if device == "cpu" else _engine(ckpt, "direct", "cuda:1")
+    link = Link(eng, ckpt, f"direct-ok-{backend}", backend)
     try:
         named, answers, paths = link.push(hf_order, "flattened_bucket", 0.1, seed=3)
         assert all(ok for ok, _ in answers), answers
         assert len(paths) > 4 and set(paths) == {"direct"}
-        _check_serves(direct, named, ckpt)
+        _check_serves(eng, named, ckpt)
         # An order the layout does not match (sorted names, as a safetensors file lists them): the buckets
         # that do not map are buffered and copied, the rest still go direct; the result is the same.
         named, answers, paths = link.push(sorted(hf_order), "flattened_bucket", 0.2, seed=4)
         assert all(ok for ok, _ in answers), answers
         assert "buffered" in paths and "direct" in paths
-        _check_serves(direct, named, ckpt)
+        _check_serves(eng, named, ckpt)
         # One broadcast per tensor, each into its parameter.
         named, answers, paths = link.push(hf_order, None, 0.3, seed=5)
         assert answers == [(True, "Succeeded to update parameter online.")] and paths == ["direct"]
-        _check_serves(direct, named, ckpt)
+        _check_serves(eng, named, ckpt)
         # A refused request (unknown name) is still drained, writes nothing, and the group stays usable.
-        before = _greedy(direct)
+        before = _greedy(eng)
         link.pushes.put({"scale": 0.0, "seed": 0, "order": hf_order[:1], "load_format": None,
                          "bucket_bytes": BUCKET_BYTES, "die_after": None})
-        ok, msg = direct.update_weights_from_distributed(["model.nope.weight"], ["float32"], [[256, 64]],
-                                                         group_name="direct-ok")
+        ok, msg = eng.update_weights_from_distributed(["model.nope.weight"], ["float32"], [[256, 64]],
+                                                      group_name=link.name)
         assert not ok and "Unknown weight model.nope.weight" in msg and "Rolling back" in msg
-        assert link.replies.get(timeout=60) == "sent" and _greedy(direct) == before
+        assert link.replies.get(timeout=60) == "sent" and _greedy(eng) == before
     finally:
         link.close()
+        if eng is not direct:
+            eng.shutdown()
+
+
+def test_group_backend_defaults_by_device(direct, ckpt, hf_order):
+    """No backend named: a CPU server joins with gloo (a CUDA one would take NCCL); NCCL on CPU is refused."""
+    link = Link(direct, ckpt, "by-device", "gloo", announce=None)
+    try:
+        assert direct.scheduler.controller.updater.groups["by-device"].backend == "gloo"
+        named, answers, _ = link.push(hf_order, "flattened_bucket", 0.1, seed=8)
+        assert all(ok for ok, _ in answers), answers
+        _check_serves(direct, named, ckpt)
+    finally:
+        link.close()
+    ok, msg = direct.init_weights_update_group("127.0.0.1", free_port(), 1, 2, group_name="nccl-on-cpu",
+                                               backend="nccl", timeout=2)
+    assert not ok and "backend='nccl' needs a CUDA device" in msg, msg
 
 
 @pytest.mark.parametrize("mode", ["direct", "buffered"])

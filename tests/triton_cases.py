@@ -2,8 +2,8 @@
 kernel (or backend, or engine) and its torch reference, and returns both results on the CPU.
 
 Triton picks its interpreter or its compiler once per process, when it is imported. On CPU tensors the
-kernels only run in the interpreter, so the tests run these cases in `interpreter_worker()`: one spawned
-process with TRITON_INTERPRET=1 set in it alone; the pytest process (every other test, the GPU tests, the
+kernels only run in the interpreter, so the tests run these cases in the `triton_interpreter` fixture's
+child process (tests/triton_interpret.py); the pytest process (every other test, the GPU tests, the
 compile checks) keeps ordinary Triton. Nothing here imports triton at module level.
 
 Every case scatters pages at random over the pool (a random permutation of pages), fills the cache
@@ -14,23 +14,11 @@ kernel forgets to write shows).
 from __future__ import annotations
 
 import contextlib
-import os
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any
 
 import torch
 
 NUM_SLOTS = 512
-
-
-def _start_interpreter() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
-def interpreter_worker() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_start_interpreter)
 
 
 def scattered_page_table(gen: torch.Generator, seq_lens: list[int], page_size: int,

@@ -39,10 +39,14 @@ def _enter(interpret: bool) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
+    # The interpreter runs kernel programs one after another in numpy: threads only contend for cores.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 class TritonProcess:
-    def __init__(self, interpret: bool, timeout: float = 600.0):
+    def __init__(self, interpret: bool, timeout: float = 1800.0):
         self.interpret = interpret
         self.timeout = timeout
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),

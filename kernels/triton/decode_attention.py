@@ -21,6 +21,8 @@ from kernels.triton.device import check_launchable, dot_in_fp32
 from kernels.triton.online_softmax import attend_block, key_block_size
 
 _LOG2E = 1.4426950408889634
+# choose_num_splits never picks more; a workspace this wide serves every choice.
+MAX_SPLITS = 16
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, on_g
     if not on_gpu:
         return 1
     want = triton.cdiv(256, max(batch_size * num_kv_heads, 1))
-    return max(1, min(want, triton.cdiv(max_seq_len, 64), 16))
+    return max(1, min(want, triton.cdiv(max_seq_len, 64), MAX_SPLITS))
 
 
 def decode_attention(

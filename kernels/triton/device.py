@@ -1,24 +1,20 @@
 """Where a Triton kernel runs: compiled on a CUDA device, or in Triton's interpreter.
 
-Triton decides between the two once per process, when it is imported (TRITON_INTERPRET=1 selects the
-interpreter; its standard library is built for one mode at import). CPU tensors can only run in the
+Whether Triton interprets is decided once per process, when it is imported (TRITON_INTERPRET=1); the
+one check of it is kernels/implementation.py's `triton_interpreting` (it reads the variable without
+importing triton, so the CPU path's dispatch never imports it). CPU tensors can only run in the
 interpreter, which is how every kernel is tested on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 
-
-def interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+from kernels.implementation import check_triton_device, triton_interpreting
 
 
 def check_launchable(device: torch.device) -> None:
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"Triton kernels run on CUDA tensors, or on {device.type} tensors only in Triton's "
-                           f"interpreter: set TRITON_INTERPRET=1 before triton is imported.")
+    check_triton_device(device, RuntimeError)
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -27,4 +23,4 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     fp32 inputs: a GPU would otherwise round them to TF32. bf16 in the interpreter: its tl.dot returns
     garbage for bf16 (measured with Triton 3.6-3.9). fp16 and bf16 on a GPU use the tensor cores with
     fp32 accumulation (fp16 is exact in the interpreter, so that path is tested there)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreting())

@@ -1,5 +1,5 @@
 """Top-k / top-p / min-p sampling by inverse CDF at a given u, Triton. The reference is
-kernels/sampling.py (`draw_tokens_torch`); for the same probabilities and u this kernel picks the same
+kernels/sampling_reference.py (`draw_tokens_torch`); for the same probabilities and u this kernel picks the same
 token, because it repeats the reference's arithmetic rather than its algorithm:
 
 - the truncation is found without sorting: radix searches over the fp32 bit patterns (monotone for
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sampling import CDF_BLOCK
+from kernels.sampling_reference import CDF_BLOCK
 
 # torch sums a contiguous fp32 row on the CPU with Vectorized<float> lanes (8 on x86 whatever the
 # capability: measured with AVX512, AVX2 and DEFAULT), ILP vectors interleaved, then the lanes in order.

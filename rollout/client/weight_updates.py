@@ -152,17 +152,22 @@ class WeightUpdateMixin:
     # --- by broadcast ---------------------------------------------------------------------------
 
     async def init_weights_update_group(self, master_address: str = "127.0.0.1", master_port: int | None = None,
-                                        *, backend: str = "gloo", group_name: str = "weight_update_group",
+                                        *, backend: str | None = None, group_name: str = "weight_update_group",
                                         timeout: float = 120.0) -> BroadcastGroup:
         """Create the trainer's group (rank 0) and have every server join it (ranks 1..): one group for all
         servers, so one broadcast updates them all. `master_port` None picks a free port. `timeout` bounds
-        the join on both sides and, on the servers, every later broadcast of the group."""
+        the join on both sides and, on the servers, every later broadcast of the group. `backend` None:
+        "nccl" when every server runs on CUDA (the trainer then broadcasts CUDA tensors), else "gloo"."""
         from sync import destroy_process_group, init_custom_process_group, tcp_init_method
 
         if master_port is None:
             from rollout.client.local_server import free_port
             master_port = free_port()
-        tp = [int(info.get("tp_size", 1)) for info in await self.server_info()]  # type: ignore[attr-defined]
+        infos = await self.server_info()  # type: ignore[attr-defined]
+        tp = [int(info.get("tp_size", 1)) for info in infos]
+        if backend is None:
+            on_cuda = all(str(info.get("device", "cpu")).startswith("cuda") for info in infos)
+            backend = "nccl" if on_cuda else "gloo"
         offsets = [1 + sum(tp[:i]) for i in range(len(tp))]
         world_size = 1 + sum(tp)
         bodies = [{"master_address": master_address, "master_port": master_port, "rank_offset": off,

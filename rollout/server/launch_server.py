@@ -28,6 +28,7 @@ _BOOL_FIELDS_HELP = {
     "is_embedding": "serve an embedding / reward model",
     "skip_tokenizer_init": "no tokenizer: token ids in and out, no 'text' in answers",
     "disable_radix_cache": "no prefix cache",
+    "disable_cuda_graph": "no CUDA graphs for decode steps",
     "deterministic": "batch-invariant mode",
 }
 

@@ -68,8 +68,8 @@ def parse_init_group(body: dict[str, Any]) -> dict[str, Any]:
     if not 1 <= rank_offset < world_size:
         raise BadRequest(f"rank_offset must be in [1, world_size - 1] = [1, {world_size - 1}] (the trainer is "
                          f"rank 0), got {rank_offset}.")
-    backend = _get(body, "backend", str, "nccl")
-    if backend not in ("nccl", "gloo"):
+    backend = _get(body, "backend", str, None)   # absent: by the server's device (WeightUpdater)
+    if backend is not None and backend not in ("nccl", "gloo"):
         raise BadRequest(f"backend must be 'nccl' or 'gloo', got {short(backend)}.")
     timeout = _get(body, "timeout", (int, float), 300.0)
     if not 0 < timeout <= MAX_GROUP_TIMEOUT_S:

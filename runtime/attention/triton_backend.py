@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.triton.decode_attention import choose_num_splits, decode_attention, decode_workspace
+from kernels.triton.decode_attention import MAX_SPLITS, choose_num_splits, decode_attention, decode_workspace
 from kernels.triton.device import check_launchable
 from kernels.triton.extend_attention import extend_attention
 from kernels.triton.kv_store import store_kv
@@ -51,11 +51,35 @@ class TritonAttentionMetadata:
 
 
 class TritonAttentionBackend(AttentionBackend):
+    supports_cuda_graph = True
+
     def __init__(self, kv_pool: KVPool):
         super().__init__(kv_pool)
         check_launchable(kv_pool.device)
         # Splits of decode attention; None: chosen per step (choose_num_splits). Tests set it.
         self.decode_splits: int | None = None
+        # Decode steps replayed from CUDA graphs: split buffers for the largest batch, and the page
+        # tables' fixed width (reserve_graph_decode).
+        self._graph_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_width = 0
+
+    def reserve_graph_decode(self, max_batch_size: int, num_heads: int, head_dim: int, max_width: int) -> None:
+        self._graph_width = max_width
+        self._graph_workspace = decode_workspace(max_batch_size, num_heads, head_dim, MAX_SPLITS,
+                                                 self.kv_pool.device)
+
+    def prepare_graph_decode(self, batch: ForwardBatch) -> None:
+        if self._graph_workspace is None:
+            raise RuntimeError("reserve_graph_decode must run before prepare_graph_decode.")
+        b = batch.batch_size
+        # Splits fixed per batch size (sized for the longest context): the kernel reads each request's
+        # length on the device, so splits past a short sequence's end merely find no keys.
+        splits = self.decode_splits or choose_num_splits(b, self.kv_pool.num_kv_heads, self._graph_width,
+                                                         on_gpu=self.kv_pool.device.type == "cuda")
+        mid_o, mid_lse = self._graph_workspace
+        workspace = (mid_o[:b, :, :splits], mid_lse[:b, :, :splits]) if splits > 1 else None
+        batch.attn_metadata = TritonAttentionMetadata(None, _DecodePart(0, batch.page_table, batch.seq_lens,
+                                                                        splits, workspace))
 
     def prepare(self, batch: ForwardBatch) -> None:
         ne, b = batch.num_extend, batch.batch_size

@@ -54,6 +54,8 @@ class MoeDecoderModel(DecoderModel):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
+    # Expert dispatch reads the tokens per expert on the host: a CUDA graph cannot capture that.
+    supports_cuda_graph = False
     # Checkpoint names: the block's name on disk and each projection's name -> "gate" / "up" / "down".
     checkpoint_block = "mlp"
     expert_projections = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}

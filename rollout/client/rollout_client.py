@@ -21,23 +21,19 @@ T = TypeVar("T")
 
 
 class RolloutClient:
-    def __init__(self, urls: str | Sequence[str], **options: Any):
+    def __init__(self, urls: str | Sequence[str] | AsyncRolloutClient, **options: Any):
         """Options as AsyncRolloutClient: workers (the servers behind a router given as `urls`), api_key,
-        max_concurrency, timeout, connect_timeout, retry, progress_min."""
-        self._init(AsyncRolloutClient(urls, **options))
+        max_concurrency, timeout, connect_timeout, retry, progress_min. An AsyncRolloutClient is wrapped
+        as it is (no options)."""
+        self.aio = urls if isinstance(urls, AsyncRolloutClient) else AsyncRolloutClient(urls, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-client-loop", daemon=True)
+        self._thread.start()
 
     @classmethod
     def from_router(cls, router_url: str, **options: Any) -> "RolloutClient":
         """Generation through the sglang-router at `router_url`, control calls to each worker it lists."""
-        client = cls.__new__(cls)
-        client._init(AsyncRolloutClient.from_router(router_url, **options))
-        return client
-
-    def _init(self, aio: AsyncRolloutClient) -> None:
-        self.aio = aio
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-client-loop", daemon=True)
-        self._thread.start()
+        return cls(AsyncRolloutClient.from_router(router_url, **options))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -98,6 +98,8 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
                 if waiter is not None:
                     waiter.put(out)
                 continue
+            if not isinstance(out, RequestOutput):  # EngineState: the scheduler's own fields say it here
+                continue
             with self._lock:
                 waiter = self._waiters.get(out.rid)
             if waiter is not None:
@@ -141,6 +143,8 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
                             top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
                             return_text_in_logprobs=return_text_in_logprobs, stream=stream)
         norm = self._normalize(inp)
+        if self.scheduler.failed is not None:  # HTTP answers 500 / fails /health with the same message
+            raise RuntimeError(self.scheduler.failed)
         unusable = self.scheduler.unusable
         if unusable is not None:  # HTTP answers 503 with the same message
             raise WeightsUnusableError(unusable)

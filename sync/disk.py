@@ -47,9 +47,11 @@ def open_checkpoint(model_path: str | Path) -> list[CheckpointFile]:
 
 
 def iterate_checkpoint(model_path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor; one file in memory at a time, read without mmap."""
+    """(HF name, tensor) for every tensor, each its own memory (as safetensors' get_tensor gives them: views
+    of one read buffer would look like a flattened model to sync.WeightSender); read without mmap."""
     for f in open_checkpoint(model_path):
-        yield from f.read_tensors()
+        for name, tensor in f.read_tensors():
+            yield name, tensor.clone()
 
 
 def checkpoint_specs(model_path: str | Path, files: list[CheckpointFile] | None = None) -> TensorSpecs:

@@ -36,6 +36,7 @@ from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeigh
                               GetWeightsByNameReq, InitWeightsUpdateGroupReq, PauseGenerationReq, ReleaseMemoryReq,
                               ResumeMemoryReq, UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
                               UpdateWeightsFromLocalTensorsReq, UpdateWeightsFromTensorReq, UpdateWeightVersionReq)
+from runtime.group_join import GroupJoin
 from runtime.weight_updater import WeightUpdater
 from sync.errors import BroadcastError, CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
 from sync.report import UpdateReport
@@ -83,7 +84,7 @@ class Controller:
         self.num_updates = 0
         self.update_seconds = 0.0
         self._next_watch = 0.0
-        self._join: _Join | None = None            # a join running on its helper thread
+        self._join: GroupJoin | None = None            # a join running on its helper thread
         self._held: deque = deque()                # control messages that arrived during the join
         self._handlers: dict[type, Callable[[Any, list], ControlResult]] = {
             UpdateWeightsFromDiskReq: self._update_from_disk,
@@ -144,7 +145,7 @@ class Controller:
         return outputs
 
     def _poll_join(self) -> list:
-        if self._join is None or self._join.thread.is_alive():
+        if self._join is None or not self._join.done:
             return []
         join, self._join = self._join, None
         outputs: list = [self._join_result(join)]
@@ -240,10 +241,10 @@ class Controller:
             self.updater.check_join(msg)
         except Exception as e:
             return self._result(msg, False, f"Failed to initialize custom process group: {e}.")
-        self._join = _Join(msg, self.updater)
+        self._join = GroupJoin(msg, self.updater)
         return None
 
-    def _join_result(self, join: "_Join") -> ControlResult:
+    def _join_result(self, join: GroupJoin) -> ControlResult:
         msg = join.msg
         try:
             if join.error is not None:
@@ -324,19 +325,3 @@ class Controller:
         self.s.memory_released = self.kv_released or self.updater.released
         return self._result(msg, True, message)
 
-
-class _Join:
-    """One join on its helper thread; the scheduler reads `group` / `error` once the thread has ended."""
-
-    def __init__(self, msg: InitWeightsUpdateGroupReq, updater: WeightUpdater):
-        self.msg = msg
-        self.group: Any = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(updater,), name=f"join-{msg.group_name}", daemon=True)
-        self.thread.start()
-
-    def _run(self, updater: WeightUpdater) -> None:
-        try:
-            self.group = updater.join(self.msg)
-        except BaseException as e:  # noqa: BLE001 - handed to the scheduler thread, which answers it
-            self.error = e

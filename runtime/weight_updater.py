@@ -24,6 +24,7 @@ from sync.named_tensors import apply_named_tensors
 from sync.process_group import destroy_process_group, group_store, init_custom_process_group, tcp_init_method
 from sync.model_receiver import ModelReceiver
 from sync.report import UpdateReport
+from sync.scratch import ScratchBuffer
 from sync.safetensors_payload import decode_named_tensors
 from sync.specs import TensorSpecs, parse_dtype
 from sync.targets import check_specs
@@ -52,6 +53,8 @@ class WeightUpdater:
         self.tp_rank = tp_rank
         self.groups: dict[str, _Group] = {}
         self.released = False
+        # The disk read buffer, kept between updates (fresh pages cost more than the read): the largest file.
+        self.disk_scratch = ScratchBuffer()
         # Parameter storages and their CPU backups while released (one entry per storage: tied weights once).
         self._storages: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] = []
 
@@ -67,7 +70,8 @@ class WeightUpdater:
         if load_format not in DISK_LOAD_FORMATS:
             raise WeightUpdateError(f"load_format={load_format!r} is not supported from disk; use one of "
                                     f"{[f for f in DISK_LOAD_FORMATS if f]}.")
-        return update_weights_from_disk(self.model, model_path, digest=False, digests=digests)
+        return update_weights_from_disk(self.model, model_path, digest=False, digests=digests,
+                                        scratch=self.disk_scratch)
 
     def from_named_tensors(self, named: list[tuple[str, torch.Tensor]],
                            digests: dict[str, int] | None = None) -> UpdateReport:
@@ -221,6 +225,7 @@ class WeightUpdater:
                 backup.untyped_storage().copy_(storage)
             self._storages.append((storage, storage.nbytes(), backup))
             storage.resize_(0)  # the Parameter objects (and views into them) stay; only memory goes
+        self.disk_scratch.clear()
         self.receiver.drop_scratch()  # receive buffers too: a colocated trainer wants that memory
         self.released = True
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import _getdtype  # safetensors' own header-code -> torch dtype table
 
 from sync.errors import WeightUpdateError
+from sync.scratch import ScratchBuffer
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 
@@ -98,16 +99,20 @@ class CheckpointFile:
                                          f"{self.stamp.describe()}, now {now.describe()}); nothing of it was "
                                          "applied.")
 
-    def read_tensors(self, names: set[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+    def read_tensors(self, names: set[str] | None = None,
+                     scratch: ScratchBuffer | None = None) -> list[tuple[str, torch.Tensor]]:
         """(name, CPU tensor) in file order for `names` (all by default), from one read of the data section.
 
+        With `scratch` the data lands in its buffer (kept between updates: no fresh pages to fault in, which
+        costs more than the read itself) and the tensors are views into it, valid until its next use.
         Raises CheckpointChangedError when the file is not the one whose header was read, or changes
         while its data is read."""
         entries = [e for e in self.entries if names is None or e.name in names]
         if not entries:
             return []
         first, last = entries[0].begin, max(e.end for e in entries)
-        buf = torch.empty(last - first, dtype=torch.uint8)
+        buf = (torch.empty(last - first, dtype=torch.uint8) if scratch is None
+               else scratch.take(last - first, "cpu"))
         try:
             with open(self.path, "rb") as f:
                 self._check_unchanged(os.fstat(f.fileno()), "before reading its data")

@@ -7,7 +7,7 @@ memory-mapped: sync.checkpoint_file says why), checked (unchanged since its head
 finite, optional per-tensor digests), and only then copied in. A one-file checkpoint (the usual case) is
 thus refused with the old weights serving whatever happens to the file; with several files, a later file
 that changes or fails a check after earlier ones were copied raises `PartialUpdateError`. Memory: the model
-plus the largest file.
+plus the largest file (a read buffer the server keeps between updates).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from sync.checkpoint_file import CheckpointFile
 from sync.checksum import tensor_checksum, update_digest
 from sync.errors import CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
 from sync.report import UpdateReport
+from sync.scratch import ScratchBuffer
 from sync.specs import TensorSpecs, dtype_name, parse_dtype
 from sync.targets import missing_weights, resolve_target
 from sync.tensor_checks import check_digests, check_finite
@@ -95,13 +96,15 @@ def validate_checkpoint(model: torch.nn.Module, model_path: str | Path, *, allow
 
 
 def update_weights_from_disk(model: torch.nn.Module, model_path: str | Path, *, digest: bool = True,
-                             digests: dict[str, int] | None = None) -> UpdateReport:
+                             digests: dict[str, int] | None = None,
+                             scratch: ScratchBuffer | None = None) -> UpdateReport:
     """Validate the checkpoint's headers, then copy it in place file by file.
 
     A missing path, a mismatch, a file that is not safetensors, changes while read, holds a NaN/Inf or
     does not match `digests` (CRC-32 per tensor of the bytes on disk) raises `WeightUpdateError` (or
     `CheckpointNotFoundError`) while nothing was copied; the same after an earlier file of the checkpoint
     was copied raises `PartialUpdateError` (the caller must stop serving until the next good update).
+    `scratch`: a read buffer kept between updates (sync.scratch), grown to the largest file.
     """
     start = time.perf_counter()
     files = open_checkpoint(model_path)
@@ -116,7 +119,7 @@ def update_weights_from_disk(model: torch.nn.Module, model_path: str | Path, *, 
                                 f"{unknown[:3]}")
     for f in files:
         try:
-            everything = f.read_tensors()  # skipped names too: a trainer's digest may cover them
+            everything = f.read_tensors(scratch=scratch)  # skipped names too: a trainer's digest may cover them
             here = {n for n, _ in everything}
             named = [(n, t) for n, t in everything if n in wanted]
             check_finite(named, f" in {f.path}")

@@ -253,14 +253,14 @@ def test_disk_file_changed_midway(model, other_path, tmp_path) -> None:
     real = sync.checkpoint_file.CheckpointFile.read_tensors
     calls = []
 
-    def rewrite_second(self, names=None):
+    def rewrite_second(self, names=None, scratch=None):
         calls.append(self.path)
         if len(calls) == 2:  # a trainer re-saving it in place, after its header was read
             time.sleep(0.02)  # past the file system's timestamp granularity
             data = self.path.read_bytes()
             self.path.write_bytes(b"")
             self.path.write_bytes(data)
-        return real(self, names)
+        return real(self, names, scratch)
 
     sync.checkpoint_file.CheckpointFile.read_tensors = rewrite_second
     try:

@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import shutil
-import statistics
 import tempfile
 import threading
 import time

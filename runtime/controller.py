@@ -27,7 +27,6 @@ Each message type has its handler in one table (`Controller._handlers`).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from typing import Any, Callable, Protocol

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
 from sync import encode_named_tensors, iterate_checkpoint, tensor_checksum
 from tests.helpers import ServerProcess, free_port

@@ -162,7 +162,7 @@ class EngineClient:
     def _on_engine_exit(self) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.engine.sentinel)
-        code = self.engine.exitcode()  # reaps it (waitpid): no zombie left behind
+        code = self.engine.reap()  # waitpid: no zombie left behind
         self._fail(engine_exit_reason(code))
         if self.info is not None:  # answered every waiting call above; let health checks see why, then exit
             loop.call_later(EXIT_AFTER_ENGINE_DEATH_S, self.on_fatal)

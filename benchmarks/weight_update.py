@@ -1,7 +1,8 @@
 """Weight-update speed against the raw operations underneath, in one run: `python -m benchmarks.weight_update`.
 
-- disk: Engine.update_weights_from_disk (validate headers, copy in place, flush) vs reading the same
-  safetensors tensors and `copy_` into the same parameters.
+- disk: Engine.update_weights_from_disk (validate headers, read each file without mmap, check NaN/Inf,
+  copy in place, flush; and again with per-tensor digests verified) vs safetensors' memory-mapped
+  `get_tensor` and `copy_` into the same parameters; the checks alone are timed too.
 - broadcast: a trainer process pushes every weight in buckets (gloo; NCCL with --device cuda), received
   by Engine.update_weights_from_distributed (one request per bucket) vs one raw `dist.broadcast` of the
   same bytes as one flat tensor between the same two processes, on the same group.
@@ -69,24 +70,47 @@ def _best(times: list[float]) -> float:
     return min(times)
 
 
-def bench_disk(eng, model_path: str, repeats: int) -> tuple[float, float]:
-    from sync import iterate_checkpoint
+def bench_disk(eng, model_path: str, repeats: int) -> dict[str, float]:
+    """Ours (plain reads, no mmap, NaN/Inf checks), ours with per-tensor digests verified, and the raw
+    path beside them: safetensors' memory-mapped get_tensor + copy_ (what disk updates did before, without
+    the header validation), plus the checks alone on tensors in memory."""
+    from safetensors import safe_open
+
+    from sync import iterate_checkpoint, tensor_checksum
+    from sync.disk import checkpoint_files
+    from sync.tensor_checks import check_finite
 
     model = eng.runner.model
-    ours, raw = [], []
+    digests = {n: tensor_checksum(t) for n, t in iterate_checkpoint(model_path)}
+    in_memory = list(iterate_checkpoint(model_path))
+    times: dict[str, list[float]] = {"ours": [], "ours_digests": [], "raw_mmap": [], "finite_only": [],
+                                     "crc_only": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         ok, msg = eng.update_weights_from_disk(model_path)
-        ours.append(time.perf_counter() - t0)
+        times["ours"].append(time.perf_counter() - t0)
+        assert ok, msg
+        t0 = time.perf_counter()
+        ok, msg = eng.update_weights_from_disk(model_path, digests=digests)
+        times["ours_digests"].append(time.perf_counter() - t0)
         assert ok, msg
         t0 = time.perf_counter()
         with torch.no_grad():
-            for name, tensor in iterate_checkpoint(model_path):
-                target = model.weight_target(name)
-                if target is not None:
-                    target.copy_(tensor)
-        raw.append(time.perf_counter() - t0)
-    return _best(ours), _best(raw)
+            for path in checkpoint_files(model_path):
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        target = model.weight_target(name)
+                        if target is not None:
+                            target.copy_(f.get_tensor(name))
+        times["raw_mmap"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        check_finite(in_memory)
+        times["finite_only"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _, t in in_memory:
+            tensor_checksum(t)
+        times["crc_only"].append(time.perf_counter() - t0)
+    return {k: _best(v) for k, v in times.items()}
 
 
 def bench_broadcast(eng, model_path: str, bucket_bytes: int, repeats: int, flat_params: bool,
@@ -184,6 +208,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--disk-only", action="store_true", help="only the disk figures (and the checks' cost)")
     parser.add_argument("--receive", choices=["direct", "buffered"], default="direct",
                         help="the server's --weight-update-receive mode")
     parser.add_argument("--device", default="cpu")
@@ -211,7 +236,12 @@ def main() -> None:
                  progress=False, weight_update_receive=args.receive)
     nan = float("nan")
     try:
-        disk, disk_raw = bench_disk(eng, model_path, args.repeats) if "disk" not in skip else (nan, nan)
+        d = bench_disk(eng, model_path, args.repeats) if "disk" not in skip else {}
+        disk, disk_raw = d.get("ours", nan), d.get("raw_mmap", nan)
+        if args.disk_only:
+            print(json.dumps({"model_path": model_path, **{f"disk_{k}_s": v for k, v in d.items()},
+                              "disk_ratio": disk / disk_raw}))
+            return
         bucket_bytes = int(args.bucket_mb * 2**20)
         bc, bc_raw, nbytes, paths = bench_broadcast(eng, model_path, bucket_bytes, args.repeats, flat_params=True,
                                                     backend=backend)
@@ -227,6 +257,8 @@ def main() -> None:
         "model_path": model_path, "bytes": nbytes, "torch_threads": torch.get_num_threads(),
         "device": args.device, "dtype": args.dtype, "backend": backend,
         "disk_s": disk, "disk_raw_s": disk_raw, "disk_ratio": disk / disk_raw,
+        "disk_digests_s": d.get("ours_digests", nan), "finite_check_s": d.get("finite_only", nan),
+        "crc_s": d.get("crc_only", nan),
         "broadcast_s": bc, "broadcast_raw_s": bc_raw, "broadcast_ratio": bc / bc_raw,
         "broadcast_receive": args.receive, "broadcast_paths": paths,
         "broadcast_unflat_trainer_s": bc_copy, "broadcast_unflat_trainer_raw_s": bc_copy_raw,
@@ -239,7 +271,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"model {model_path}: {nbytes / 2**20:.1f} MiB of weights")
-    print(f"disk update       {disk:8.3f} s   raw load+copy_   {disk_raw:8.3f} s   ratio {disk / disk_raw:5.2f} (goal <= 1.3)")
+    print(f"disk update       {disk:8.3f} s   raw mmap+copy_   {disk_raw:8.3f} s   ratio {disk / disk_raw:5.2f} (goal <= 1.3; "
+          "ours reads without mmap and checks NaN/Inf)")
+    print(f"  with digests    {d['ours_digests']:8.3f} s   (+{d['ours_digests'] - disk:.3f} s: CRC-32 of every tensor); "
+          f"checks alone in memory: NaN/Inf {d['finite_only']:.3f} s, CRC-32 {d['crc_only']:.3f} s")
     print(f"broadcast update  {bc:8.3f} s   raw flat bcast   {bc_raw:8.3f} s   ratio {bc / bc_raw:5.2f} (goal <= 1.2; "
           "trainer params flattened: buckets sent as views)")
     print(f"broadcast update  {bc_copy:8.3f} s   raw flat bcast   {bc_copy_raw:8.3f} s   ratio "

@@ -16,19 +16,26 @@ Each message type has its handler in one table (`Controller._handlers`).
   model a mix (a broken checkpoint copy, a broadcast that breaks while received directly into the
   weights, or one that breaks after earlier buckets of the same update were applied) sets
   `scheduler.unusable`: generation is refused with that message (HTTP 503) and in-flight requests are
-  aborted, until the next successful update.
+  aborted, until the next successful update. Setting it also pushes an `EngineState` to the front end, so
+  the HTTP process refuses generation (503) at once instead of learning it from the next control answer;
+  requests aborted for it carry `status_code` 503 in their finish reason.
+- Joins (`init_weights_update_group`) run on a helper thread (a trainer that never comes must not stall
+  generation for the join's whole timeout): the scheduler polls it between steps, answers the join when it
+  ends, and holds later control messages (not requests) until then, so they still apply in order.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any, Callable, Protocol
 
-from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
+from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq, EngineState,
                               GetWeightsByNameReq, InitWeightsUpdateGroupReq, PauseGenerationReq, ReleaseMemoryReq,
                               ResumeMemoryReq, UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
                               UpdateWeightsFromLocalTensorsReq, UpdateWeightsFromTensorReq, UpdateWeightVersionReq)
+from runtime.group_join import GroupJoin
 from runtime.weight_updater import WeightUpdater
 from sync.errors import BroadcastError, CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
 from sync.report import UpdateReport
@@ -52,7 +59,8 @@ class Controlled(Protocol):
     memory_released: bool
     running: list
 
-    def abort(self, rid: str = "", abort_all: bool = False, message: str = ...) -> list: ...
+    def abort(self, rid: str = "", abort_all: bool = False, message: str = ..., *,
+              status_code: int | None = None) -> list: ...
 
     def invalidate_kv(self) -> None: ...
 
@@ -75,6 +83,8 @@ class Controller:
         self.num_updates = 0
         self.update_seconds = 0.0
         self._next_watch = 0.0
+        self._join: GroupJoin | None = None            # a join running on its helper thread
+        self._held: deque = deque()                # control messages that arrived during the join
         self._handlers: dict[type, Callable[[Any, list], ControlResult]] = {
             UpdateWeightsFromDiskReq: self._update_from_disk,
             UpdateWeightsFromDistributedReq: self._update_from_distributed,
@@ -95,8 +105,13 @@ class Controller:
         return list(self._handlers)
 
     def poll(self) -> list:
-        """Before a step: if an update is in parts and its trainer died between parts, the weights stay a mix
-        for good, so refuse to serve them (and abort what runs) instead of generating from them."""
+        """Between steps (every loop turn, busy or not): answer a finished join and what waited for it, and if
+        an update is in parts and its trainer died between parts, the weights stay a mix for good, so refuse to
+        serve them (and abort what runs) instead of generating from them."""
+        outputs = self._poll_join()
+        return outputs + self._watch_trainer()
+
+    def _watch_trainer(self) -> list:
         now = time.monotonic()
         if not self.partial_parts or self.s.unusable is not None or now < self._next_watch:
             return []
@@ -113,14 +128,28 @@ class Controller:
     # --- dispatch -------------------------------------------------------------------------------
 
     def handle(self, msg: Any) -> list:
+        if self._join is not None:  # in order: after the join's answer
+            self._held.append(msg)
+            return []
         handler = self._handlers[type(msg)]
         outputs: list = []
         try:
             result = handler(msg, outputs)
         except Exception as e:  # our bug: answer it (the caller must never wait forever), keep serving
             logger.exception("Control message %s failed", type(msg).__name__)
-            result = self._result(msg, False, f"Internal error handling {type(msg).__name__}: {e!r}")
-        outputs.append(result)
+            result = self._result(msg, False, f"{type(msg).__name__} failed on a bug in the engine (its log has the "
+                                              f"traceback): {type(e).__name__}: {e}")
+        if result is not None:  # None: a join started; answered by poll()
+            outputs.append(result)
+        return outputs
+
+    def _poll_join(self) -> list:
+        if self._join is None or not self._join.done:
+            return []
+        join, self._join = self._join, None
+        outputs: list = [self._join_result(join)]
+        while self._held and self._join is None:
+            outputs += self.handle(self._held.popleft())
         return outputs
 
     def _result(self, msg: Any, success: bool, message: str, **extra: Any) -> ControlResult:
@@ -171,12 +200,15 @@ class Controller:
 
     def _set_unusable(self, message: str, outputs: list) -> None:
         self.s.unusable = message
-        outputs += self.s.abort("", abort_all=True, message=message)
+        # The state first: the front end then answers the aborted requests (and new ones) 503.
+        outputs.append(EngineState(weight_version=self.s.weight_version, unusable=message,
+                                   paused=self.s.paused is not None))
+        outputs += self.s.abort("", abort_all=True, message=message, status_code=503)
 
     def _update_from_disk(self, msg: UpdateWeightsFromDiskReq, outputs: list) -> ControlResult:
         if msg.abort_all_requests:
             outputs += self.s.abort("", abort_all=True, message="Aborted: the weights are being updated.")
-        return self._update(msg, outputs, lambda: self.updater.from_disk(msg.model_path, msg.load_format),
+        return self._update(msg, outputs, lambda: self.updater.from_disk(msg.model_path, msg.load_format, msg.digests),
                             "Succeeded to update model weights.", "Failed to update weights: ", complete=True)
 
     def _update_from_distributed(self, msg: UpdateWeightsFromDistributedReq, outputs: list) -> ControlResult:
@@ -186,11 +218,12 @@ class Controller:
 
     def _update_from_tensor(self, msg: UpdateWeightsFromTensorReq, outputs: list) -> ControlResult:
         return self._update(msg, outputs,
-                            lambda: self.updater.from_serialized(msg.serialized_named_tensors, msg.load_format),
+                            lambda: self.updater.from_serialized(msg.serialized_named_tensors, msg.load_format,
+                                                                 msg.digests),
                             "Succeeded to update model weights.", "Failed to update weights: ", complete=False)
 
     def _update_from_local_tensors(self, msg: UpdateWeightsFromLocalTensorsReq, outputs: list) -> ControlResult:
-        return self._update(msg, outputs, lambda: self.updater.from_named_tensors(msg.named_tensors),
+        return self._update(msg, outputs, lambda: self.updater.from_named_tensors(msg.named_tensors, msg.digests),
                             "Succeeded to update model weights.", "Failed to update weights: ", complete=False)
 
     def _update_weight_version(self, msg: UpdateWeightVersionReq, outputs: list) -> ControlResult:
@@ -202,11 +235,22 @@ class Controller:
 
     # --- groups and reads -----------------------------------------------------------------------
 
-    def _init_group(self, msg: InitWeightsUpdateGroupReq, outputs: list) -> ControlResult:
+    def _init_group(self, msg: InitWeightsUpdateGroupReq, outputs: list) -> ControlResult | None:
         try:
-            where = self.updater.init_group(msg)
-        except Exception as e:  # GroupJoinError names the address, rank and timeout
+            self.updater.check_join(msg)
+        except Exception as e:
             return self._result(msg, False, f"Failed to initialize custom process group: {e}.")
+        self._join = GroupJoin(msg, self.updater)
+        return None
+
+    def _join_result(self, join: GroupJoin) -> ControlResult:
+        msg = join.msg
+        try:
+            if join.error is not None:
+                raise join.error
+            where = self.updater.add_group(msg.group_name, join.group)
+        except Exception as e:  # GroupJoinError names the address, rank and timeout
+            return self._result(msg, False, f"Failed to initialize custom process group: {str(e).rstrip('.')}.")
         logger.info("Joined weight-update group %r (%s).", msg.group_name, where)
         return self._result(msg, True, "Succeeded to initialize custom process group.")
 
@@ -283,3 +327,4 @@ class Controller:
         if not self.s.memory_released:
             self.s.runner.memory_resumed()
         return self._result(msg, True, message)
+

@@ -99,6 +99,8 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
                 if waiter is not None:
                     waiter.put(out)
                 continue
+            if not isinstance(out, RequestOutput):  # EngineState: the scheduler's own fields say it here
+                continue
             with self._lock:
                 waiter = self._waiters.get(out.rid)
             if waiter is not None:
@@ -150,6 +152,8 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
                             return_routed_experts=return_routed_experts,
                             routed_experts_start_len=routed_experts_start_len)
         norm = self._normalize(inp)
+        if self.scheduler.failed is not None:  # HTTP answers 500 / fails /health with the same message
+            raise RuntimeError(self.scheduler.failed)
         unusable = self.scheduler.unusable
         if unusable is not None:  # HTTP answers 503 with the same message
             raise WeightsUnusableError(unusable)
@@ -236,10 +240,11 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
                                  weight_version: str | None = None, flush_cache: bool = True,
-                                 abort_all_requests: bool = False) -> tuple[bool, str]:
+                                 abort_all_requests: bool = False,
+                                 digests: dict[str, int] | None = None) -> tuple[bool, str]:
         r = self._control(UpdateWeightsFromDiskReq, model_path=str(model_path), load_format=load_format,
                           weight_version=weight_version, flush_cache=flush_cache,
-                          abort_all_requests=abort_all_requests)
+                          abort_all_requests=abort_all_requests, digests=digests)
         return r.success, r.message
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -253,11 +258,12 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
     def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str | torch.dtype],
                                         shapes: Sequence[Sequence[int]], group_name: str = "weight_update_group",
                                         load_format: str | None = None, weight_version: str | None = None,
-                                        flush_cache: bool = True) -> tuple[bool, str]:
+                                        flush_cache: bool = True,
+                                        digests: dict[str, int] | None = None) -> tuple[bool, str]:
         r = self._control(UpdateWeightsFromDistributedReq, names=list(names),
                           dtypes=[d if isinstance(d, str) else dtype_name(d) for d in dtypes],
                           shapes=[list(s) for s in shapes], group_name=group_name, load_format=load_format,
-                          weight_version=weight_version, flush_cache=flush_cache)
+                          weight_version=weight_version, flush_cache=flush_cache, digests=digests)
         return r.success, r.message
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
@@ -266,12 +272,13 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
 
     def update_weights_from_tensor(self, named_tensors: Sequence[tuple[str, torch.Tensor]],
                                    load_format: str | None = None, weight_version: str | None = None,
-                                   flush_cache: bool = True) -> tuple[bool, str]:
+                                   flush_cache: bool = True,
+                                   digests: dict[str, int] | None = None) -> tuple[bool, str]:
         """The tensors themselves go to the scheduler thread and are copied once, into the parameters."""
         if load_format not in (None, "auto", "direct"):
             return False, f"load_format={load_format!r} is not supported in-process; pass (name, tensor) pairs."
         r = self._control(UpdateWeightsFromLocalTensorsReq, named_tensors=list(named_tensors),
-                          weight_version=weight_version, flush_cache=flush_cache)
+                          weight_version=weight_version, flush_cache=flush_cache, digests=digests)
         return r.success, r.message
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:

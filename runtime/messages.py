@@ -107,6 +107,7 @@ class HealthCheckRequest(msgspec.Struct, tag=True, kw_only=True):
 
 class HealthCheckResult(msgspec.Struct, tag=True, kw_only=True):
     id: int
+    error: str | None = None  # set once the scheduler loop failed (runtime/scheduler_loop.py): unhealthy
 
 
 class ServerStateRequest(msgspec.Struct, tag=True, kw_only=True):
@@ -138,6 +139,16 @@ class EngineFailed(msgspec.Struct, tag=True, kw_only=True):
     message: str
 
 
+class EngineState(msgspec.Struct, tag=True, kw_only=True):
+    """Pushed by the engine when its state changes outside a control answer: the weights became unusable
+    (a trainer died between buckets), or the scheduler loop failed (`failed`: a bug; nothing runs)."""
+
+    weight_version: str
+    unusable: str | None = None
+    paused: bool = False
+    failed: str | None = None
+
+
 # --- weight updates and generation control (issue 4) -------------------------------------------------
 # Each carries an `id` so its result finds its caller; the scheduler applies them between steps, in the
 # order they arrive among requests. Shared by the in-process Engine and the server's engine process.
@@ -149,6 +160,7 @@ class UpdateWeightsFromDiskReq(msgspec.Struct, tag=True, kw_only=True):
     load_format: str | None = None
     weight_version: str | None = None
     flush_cache: bool = True
+    digests: dict[str, int] | None = None  # CRC-32 per HF name (sync.checksum), verified before applying
     abort_all_requests: bool = False
 
 
@@ -172,6 +184,7 @@ class UpdateWeightsFromDistributedReq(msgspec.Struct, tag=True, kw_only=True):
     load_format: str | None = None  # None: one broadcast per tensor; "flattened_bucket": one flat buffer
     weight_version: str | None = None
     flush_cache: bool = True
+    digests: dict[str, int] | None = None  # CRC-32 per HF name (sync.checksum), verified before applying
 
 
 class DestroyWeightsUpdateGroupReq(msgspec.Struct, tag=True, kw_only=True):
@@ -187,6 +200,7 @@ class UpdateWeightsFromTensorReq(msgspec.Struct, tag=True, kw_only=True):
     load_format: str | None = None
     weight_version: str | None = None
     flush_cache: bool = True
+    digests: dict[str, int] | None = None  # CRC-32 per HF name (sync.checksum), verified before applying
 
 
 class UpdateWeightsFromLocalTensorsReq(msgspec.Struct, tag=True, kw_only=True):
@@ -197,6 +211,7 @@ class UpdateWeightsFromLocalTensorsReq(msgspec.Struct, tag=True, kw_only=True):
     named_tensors: list  # list[tuple[str, torch.Tensor]]
     weight_version: str | None = None
     flush_cache: bool = True
+    digests: dict[str, int] | None = None  # CRC-32 per HF name (sync.checksum), verified before applying
 
 
 class GetWeightsByNameReq(msgspec.Struct, tag=True, kw_only=True):

@@ -33,6 +33,7 @@ class SchedulerBase(ABC):
         self.paused: str | None = None
         self.memory_released = False
         self.unusable: str | None = None
+        self.failed: str | None = None  # the scheduler loop hit a bug (runtime/scheduler_loop.py): nothing runs
         self.controller = Controller(self)
         self._handlers: dict[type, Callable[[Any], list]] = {
             GenerateRequest: lambda m: self._accept(m, self.add_request),
@@ -40,7 +41,7 @@ class SchedulerBase(ABC):
             AbortRequest: lambda m: self.abort(m.rid, m.abort_all),
             AbortRequestsExact: lambda m: self.abort(rids=m.rids, message=m.message),
             FlushCacheRequest: lambda m: [self.flush_cache()],
-            HealthCheckRequest: lambda m: [HealthCheckResult(id=m.id)],
+            HealthCheckRequest: lambda m: [HealthCheckResult(id=m.id, error=self.failed)],
             ServerStateRequest: lambda m: [ServerStateResult(id=m.id, state=self.state())],
             **dict.fromkeys(self.controller.message_types(), self.controller.handle),
         }
@@ -55,23 +56,27 @@ class SchedulerBase(ABC):
         return handler(msg)
 
     def _accept(self, msg: GenerateRequest | EmbedRequest, add: Callable[[Any], None]) -> list[RequestOutput]:
+        if self.failed is not None:
+            return [self._refused(msg, self.failed, 500)]
         if self.unusable is not None:  # the front ends refuse first (503); this one raced an update breaking
-            return [self._refused(msg, self.unusable)]
+            return [self._refused(msg, self.unusable, 503)]
         try:
             add(msg)
         except ValueError as e:  # a duplicate rid, generation on an encoder: the front ends check first,
             return [self._refused(msg, str(e))]  # but a client must never wait for an answer that never comes
         return []
 
-    def _refused(self, msg: GenerateRequest | EmbedRequest, message: str) -> RequestOutput:
+    def _refused(self, msg: GenerateRequest | EmbedRequest, message: str,
+                 status_code: int | None = None) -> RequestOutput:
         return RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
                              weight_version=self.weight_version, finished=True,
-                             finish_reason={"type": "abort", "message": message})
+                             finish_reason=_abort_reason(message, status_code))
 
     def abort(self, rid: str = "", abort_all: bool = False, message: str = ABORTED_BY_CLIENT, *,
-              rids: list[str] | None = None) -> list[RequestOutput]:
+              rids: list[str] | None = None, status_code: int | None = None) -> list[RequestOutput]:
         """Abort requests whose rid starts with `rid` (or all, or exactly those in `rids`); each ends with
-        finish type abort and answers with its partial output."""
+        finish type abort and answers with its partial output. `status_code` (as SGLang's abort finish
+        reason carries it): the front end answers the request's call with that HTTP status instead."""
         if rids is None:
             rids = [r for r in self.requests if abort_all or r.startswith(rid)]
         outputs = []
@@ -79,7 +84,7 @@ class SchedulerBase(ABC):
             req = self.requests.get(r)  # gone: finished already, or named twice
             if req is None:
                 continue
-            req.finish_reason = {"type": "abort", "message": message}
+            req.finish_reason = _abort_reason(message, status_code)
             self._finish(req)
             outputs.append(self._output(req))
         return outputs
@@ -95,6 +100,7 @@ class SchedulerBase(ABC):
             "weight_version": self.weight_version,
             "paused": self.paused,
             "weights_unusable": self.unusable,
+            "failed": self.failed,
             "memory_released": self.memory_released,
             "num_weight_updates": self.controller.num_updates,
             "weight_update_seconds": round(self.controller.update_seconds, 6),
@@ -157,3 +163,10 @@ class SchedulerBase(ABC):
     @abstractmethod
     def _output(self, req: Any) -> RequestOutput:
         """The request's output since the last one sent."""
+
+
+def _abort_reason(message: str, status_code: int | None) -> dict:
+    reason: dict = {"type": "abort", "message": message}
+    if status_code is not None:
+        reason["status_code"] = status_code
+    return reason

@@ -24,6 +24,7 @@ from sync.named_tensors import apply_named_tensors
 from sync.process_group import destroy_process_group, group_store, init_custom_process_group, tcp_init_method
 from sync.model_receiver import ModelReceiver
 from sync.report import UpdateReport
+from sync.scratch import ScratchBuffer
 from sync.safetensors_payload import decode_named_tensors
 from sync.specs import TensorSpecs, parse_dtype
 from sync.targets import check_specs
@@ -58,6 +59,8 @@ class WeightUpdater:
         self.tp_rank = tp_rank
         self.groups: dict[str, _Group] = {}
         self.released = False
+        # The disk read buffer, kept between updates (fresh pages cost more than the read): the largest file.
+        self.disk_scratch = ScratchBuffer()
         # Parameter storages and their CPU backups while released (one entry per storage: tied weights once).
         self._storages: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] = []
 
@@ -67,19 +70,26 @@ class WeightUpdater:
         if self.released:
             raise WeightUpdateError("The weights are released (release_memory_occupation); resume them first.")
 
-    def from_disk(self, model_path: str, load_format: str | None) -> UpdateReport:
+    def from_disk(self, model_path: str, load_format: str | None,
+                  digests: dict[str, int] | None = None) -> UpdateReport:
         self._check_usable()
         if load_format not in DISK_LOAD_FORMATS:
             raise WeightUpdateError(f"load_format={load_format!r} is not supported from disk; use one of "
                                     f"{[f for f in DISK_LOAD_FORMATS if f]}.")
-        return update_weights_from_disk(self.model, model_path, digest=False)
+        return update_weights_from_disk(self.model, model_path, digest=False, digests=digests,
+                                        scratch=self.disk_scratch)
 
-    def from_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> UpdateReport:
+    def from_named_tensors(self, named: list[tuple[str, torch.Tensor]],
+                           digests: dict[str, int] | None = None) -> UpdateReport:
         """The caller's tensors (in-process) copied straight into the model: no copy but the in-place one."""
         self._check_usable()
-        return apply_named_tensors(self.model, named, digest=False)
+        if not isinstance(named, (list, tuple)) or any(not isinstance(p, (list, tuple)) or len(p) != 2
+                                                       or not isinstance(p[0], str) for p in named):
+            raise WeightUpdateError("named_tensors must be a list of (name, tensor) pairs.")
+        return apply_named_tensors(self.model, named, digest=False, digests=digests)
 
-    def from_serialized(self, payloads: list[str], load_format: str | None) -> UpdateReport:
+    def from_serialized(self, payloads: list[str], load_format: str | None,
+                        digests: dict[str, int] | None = None) -> UpdateReport:
         self._check_usable()
         if load_format not in TENSOR_LOAD_FORMATS:
             raise WeightUpdateError(f"load_format={load_format!r} is not supported for tensors; the payload is "
@@ -91,11 +101,17 @@ class WeightUpdater:
             raise WeightUpdateError(f"serialized_named_tensors has {len(payloads)} entries; rank {self.tp_rank} "
                                     "has none.")
         named = decode_named_tensors(payloads[self.tp_rank])
-        return apply_named_tensors(self.model, named, digest=False)
+        return apply_named_tensors(self.model, named, digest=False, digests=digests)
 
     # --- broadcast groups -----------------------------------------------------------------------
 
     def init_group(self, msg: InitWeightsUpdateGroupReq) -> str:
+        """Join in the caller's thread (the in-process API); the scheduler uses start_join / finish_join."""
+        self.check_join(msg)
+        return self.add_group(msg.group_name, self.join(msg))
+
+    def check_join(self, msg: InitWeightsUpdateGroupReq) -> None:
+        """What can be refused at once, before a join starts."""
         if msg.group_name in self.groups:
             raise WeightUpdateError(f"A weight-update group named {msg.group_name!r} already exists "
                                     f"({self.groups[msg.group_name].where}); destroy it first.")
@@ -103,13 +119,24 @@ class WeightUpdater:
         if backend == "nccl" and self.device.type != "cuda":
             raise WeightUpdateError(f"backend='nccl' needs a CUDA device; this server runs on {self.device.type}"
                                     " (use backend='gloo').")
+
+    def join(self, msg: InitWeightsUpdateGroupReq) -> "_Group":
+        """Join the trainer's group (blocks up to msg.timeout; GroupJoinError names the address). Touches no
+        state of this object, so it may run on a helper thread while the scheduler keeps generating."""
+        backend = msg.backend or default_backend(self.device)
         rank = msg.rank_offset + self.tp_rank
         init_method = tcp_init_method(msg.master_address, msg.master_port)
         group = init_custom_process_group(backend, init_method, msg.world_size, rank, msg.group_name,
                                           timeout=msg.timeout)  # GroupJoinError names the address
         where = f"{init_method}, rank {rank} of {msg.world_size}, {backend}"
-        self.groups[msg.group_name] = _Group(group, backend, msg.timeout, where)
-        return where
+        return _Group(group, backend, msg.timeout, where)
+
+    def add_group(self, name: str, g: "_Group") -> str:
+        if name in self.groups:  # joined twice at once: keep the first, drop this one
+            destroy_process_group(g.group)
+            raise WeightUpdateError(f"A weight-update group named {name!r} already exists ({self.groups[name].where}).")
+        self.groups[name] = g
+        return g.where
 
     def destroy_group(self, group_name: str) -> None:
         g = self.groups.pop(group_name, None)
@@ -142,14 +169,18 @@ class WeightUpdater:
         try:
             self._check_usable()
             targets = check_specs(self.model, specs)
+            extra = sorted(set(msg.digests or {}) - set(specs.names))
+            if extra:
+                raise WeightUpdateError(f"digests name {len(extra)} tensors this request does not carry, e.g. "
+                                        f"{extra[:3]}")
         except WeightUpdateError as e:
             refusal = e
         device = "cpu" if g.backend == "gloo" else self.device
         try:
             if msg.load_format == "flattened_bucket":
-                report = self.receiver.receive_bucket(g.group, msg.group_name, specs, targets, device)
+                report = self.receiver.receive_bucket(g.group, msg.group_name, specs, targets, device, msg.digests)
             else:
-                report = self.receiver.receive_tensors(g.group, specs, targets, device)
+                report = self.receiver.receive_tensors(g.group, specs, targets, device, msg.digests)
         except (BroadcastError, PartialUpdateError) as e:
             raise type(e)(f"{e} (group {msg.group_name!r}: {g.where}, timeout {g.timeout:g} s)") from e
         if g.backend == "nccl":
@@ -206,6 +237,7 @@ class WeightUpdater:
                 backup.untyped_storage().copy_(storage)
             self._storages.append((storage, storage.nbytes(), backup))
             storage.resize_(0)  # the Parameter objects (and views into them) stay; only memory goes
+        self.disk_scratch.clear()
         self.receiver.drop_scratch()  # receive buffers too: a colocated trainer wants that memory
         self.released = True
 

@@ -10,6 +10,10 @@
   group (sync.scratch), so no update faults in fresh pages; per-tensor requests (possibly the whole
   model) get fresh buffers, so a server never keeps a model-sized buffer around.
 
+What arrives is checked before it is copied in (sync.tensor_checks: finite values, the trainer's optional
+digests), so a bad buffered request is refused with the old weights serving; bytes received directly into
+the weights can only be checked after the fact, so a bad direct receive raises `PartialUpdateError`.
+
 Specs that do not fit the model are still received (buffered, then dropped) before the refusal, so the
 trainer's broadcast completes instead of blocking until the group timeout.
 """
@@ -24,13 +28,32 @@ import torch.distributed as dist
 from sync._broadcast import broadcast
 from sync.bucket import ALIGN, layout_bucket, unflatten_bucket
 from sync.direct_target import bucket_view, tensor_view
-from sync.errors import BroadcastError, PartialUpdateError
+from sync.errors import BroadcastError, PartialUpdateError, WeightUpdateError
 from sync.named_tensors import apply_named_tensors
 from sync.report import UpdateReport
 from sync.scratch import ScratchBuffer
 from sync.specs import TensorSpecs, nbytes_of, parse_dtype
+from sync.tensor_checks import digest_error, non_finite_error
 
 RECEIVE_MODES = ("direct", "buffered")
+
+
+def _first_problem(named: list[tuple[str, torch.Tensor]], digests: dict[str, int] | None) -> str | None:
+    for name, tensor in named:
+        problem = non_finite_error(name, tensor) or (digest_error(name, tensor, digests) if digests else None)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_received(named: list[tuple[str, torch.Tensor]], digests: dict[str, int] | None, direct: bool) -> None:
+    """Refuse bad values: before the copy (buffered), or after they landed in the weights (direct: a mix)."""
+    problem = _first_problem(named, digests)
+    if problem is None:
+        return
+    if direct:
+        raise PartialUpdateError(f"{problem}; it was received directly into the weights, which now hold it")
+    raise WeightUpdateError(problem)
 
 
 def _partial(e: BroadcastError, where: str) -> PartialUpdateError:
@@ -54,7 +77,8 @@ class ModelReceiver:
             self.scratch.pop(name, None)
 
     def receive_bucket(self, group: dist.ProcessGroup, group_name: str, specs: TensorSpecs,
-                       targets: list[torch.Tensor | None] | None, device: torch.device | str) -> UpdateReport:
+                       targets: list[torch.Tensor | None] | None, device: torch.device | str,
+                       digests: dict[str, int] | None = None) -> UpdateReport:
         """One flat broadcast. `targets`: check_specs' result, or None when the request is refused (drain only)."""
         start = time.perf_counter()
         meta = layout_bucket(specs)
@@ -68,6 +92,7 @@ class ModelReceiver:
             except BroadcastError as e:
                 raise _partial(e, f"weights {meta.names[0]} .. {meta.names[-1]}") from e
             self.last_path = "direct"
+            _check_received(list(zip(meta.names, targets)), digests, direct=True)
             return UpdateReport(names=list(meta.names), skipped=[], num_bytes=meta.buffer_nbytes(),
                                 seconds=time.perf_counter() - start, digest=None)
         scratch = self.scratch.setdefault(group_name, ScratchBuffer())
@@ -76,10 +101,13 @@ class ModelReceiver:
         if targets is None:
             return UpdateReport(names=[], skipped=[], num_bytes=0, seconds=0.0, digest=None)
         self.last_path = "buffered"
-        return apply_named_tensors(self.model, unflatten_bucket(flat, meta), digest=False)
+        named = unflatten_bucket(flat, meta)
+        _check_received(named, digests, direct=False)
+        return apply_named_tensors(self.model, named, digest=False, check=False)
 
     def receive_tensors(self, group: dist.ProcessGroup, specs: TensorSpecs,
-                        targets: list[torch.Tensor | None] | None, device: torch.device | str) -> UpdateReport:
+                        targets: list[torch.Tensor | None] | None, device: torch.device | str,
+                        digests: dict[str, int] | None = None) -> UpdateReport:
         """One broadcast per tensor, each into its target when it can be (direct mode), else into a buffer."""
         start = time.perf_counter()
         dtypes = specs.torch_dtypes()
@@ -110,8 +138,10 @@ class ModelReceiver:
             written += direct[i] is not None
         if targets is None:
             return UpdateReport(names=[], skipped=[], num_bytes=0, seconds=0.0, digest=None)
-        # Validated before the broadcast (check_specs), so this copy cannot be refused after direct writes.
-        report = apply_named_tensors(self.model, buffered, digest=False)
+        received = [(nm, d) for nm, d in zip(specs.names, direct) if d is not None] + buffered
+        _check_received(received, digests, direct=written > 0)
+        # Validated before the broadcast (check_specs) and checked above, so this copy is never refused.
+        report = apply_named_tensors(self.model, buffered, digest=False, check=False)
         self.last_path = "direct" if not buffered else "buffered" if not written else "mixed"
         names = [nm for nm, d in zip(specs.names, direct) if d is not None]
         return UpdateReport(names=names + report.names, skipped=report.skipped,

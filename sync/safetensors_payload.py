@@ -47,9 +47,16 @@ def decode_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]
         raise WeightUpdateError("Tensor payload is a pickle; only safetensors bytes are accepted.")
     try:
         tensors = load(raw)
-        order = _payload_order(raw) or list(tensors)
-    except (SafetensorError, ValueError, KeyError) as e:
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise WeightUpdateError(f"Tensor payload is not safetensors bytes: {e}") from None
+    try:
+        order = _payload_order(raw) or list(tensors)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise WeightUpdateError(f"Tensor payload's metadata {_ORDER_KEY!r} is not a JSON list of tensor names: "
+                                f"{e}") from None
+    if not isinstance(order, list) or any(not isinstance(n, str) for n in order):
+        raise WeightUpdateError(f"Tensor payload's metadata {_ORDER_KEY!r} must be a JSON list of tensor names, "
+                                f"got {str(order)[:80]}.")
     if sorted(order) != sorted(tensors):
         raise WeightUpdateError("Tensor payload's name list does not match its tensors.")
     return [(name, tensors[name]) for name in order]

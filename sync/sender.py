@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sync._broadcast import broadcast
+from sync.checksum import named_checksums
 from sync.bucket import BucketMeta, flatten_bucket, layout_bucket, plan_buckets
 from sync.direct_target import bucket_view
 from sync.scratch import ScratchBuffer
@@ -44,6 +45,13 @@ class WeightSender:
     def clear_buffers(self) -> None:
         for scratch in self.scratch:
             scratch.clear()
+
+    @staticmethod
+    def digests(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+        """The per-tensor digests a request may carry (`digests`): CRC-32 of each tensor's bytes as sent, so
+        the server verifies what it received before applying it (costs a pass over the bytes; a GPU tensor
+        is copied to the CPU)."""
+        return named_checksums((n, t.detach()) for n, t in named)
 
     @staticmethod
     def specs(named: Iterable[tuple[str, torch.Tensor]]) -> TensorSpecs:

@@ -199,7 +199,9 @@ class WeightUpdateMixin:
         and one collective each). The version and the cache flush go with the last bucket, so a server never
         reports the new version before it holds every tensor. Answers the last bucket's replies.
         load_format None: one request for every tensor and one collective per tensor instead (SGLang's
-        original protocol)."""
+        original protocol). `verify`: each request also carries the tensors' digests (CRC-32, checked by the
+        server before it applies them: a corrupted transfer is refused), and afterwards a few tensors (True)
+        or the named ones are read back and compared."""
         from sync import WeightSender
         from sync.sender import DEFAULT_BUCKET_BYTES
 
@@ -207,6 +209,10 @@ class WeightUpdateMixin:
             raise ValueError(f"load_format must be 'flattened_bucket' or None, got {load_format!r}.")
         named = list(named_tensors)
         sender = WeightSender(group.process_group, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES)
+        by_name = dict(named)
+
+        def digests(names: Sequence[str]) -> dict[str, Any]:
+            return {"digests": sender.digests((n, by_name[n]) for n in names)} if verify else {}
         metas = sender.plan(named) if load_format else []
         loop = asyncio.get_running_loop()
         pending: list[asyncio.Future] = []
@@ -214,7 +220,7 @@ class WeightUpdateMixin:
         def announce_all(specs: Any) -> None:
             # Per tensor: one request announces everything; the servers answer once every tensor is in.
             body: dict[str, Any] = {**msgspec.to_builtins(specs), "group_name": group.group_name,
-                                    "flush_cache": flush_cache}
+                                    "flush_cache": flush_cache, **digests(specs.names)}
             if weight_version is not None:
                 body["weight_version"] = weight_version
             coro = self._update_on_all(f"update_weights_from_distributed ({len(named)} tensors)",
@@ -229,7 +235,8 @@ class WeightUpdateMixin:
                 asyncio.run_coroutine_threadsafe(_wait(pending[-1]), loop).result()
             last = k == len(metas) - 1
             body: dict[str, Any] = {**msgspec.to_builtins(meta.specs()), "group_name": group.group_name,
-                                    "load_format": "flattened_bucket", "flush_cache": flush_cache and last}
+                                    "load_format": "flattened_bucket", "flush_cache": flush_cache and last,
+                                    **digests(meta.names)}
             if last and weight_version is not None:
                 body["weight_version"] = weight_version
             coro = self._update_on_all(f"update_weights_from_distributed (bucket {k + 1}/{len(metas)})",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from rollout.server.metrics import RequestClock, ServerMetrics
 from runtime.generate_input import GenerateInput, NormalizedGenerate, check_routed_experts, normalize_generate
 from runtime.models.moe_layout import moe_layout
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EmbedRequest, EngineFailed, EngineReady,
+                              EngineState,
                               FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
                               HealthCheckResult, RequestOutput, ServerStateRequest, ServerStateResult)
 from runtime.response import ResponseBuilder
@@ -35,9 +37,38 @@ from runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# After the engine process dies, how long this process keeps answering (503 with the reason, so clients and
+# health checks learn why) before it exits non-zero for its supervisor to restart it.
+EXIT_AFTER_ENGINE_DEATH_S = 1.0
+
 
 class EngineUnavailable(Exception):
-    """The engine is not ready, has died, or did not answer in time: HTTP 503."""
+    """The engine is not ready, has died, or did not answer in time: HTTP 503 (`status`)."""
+
+    status = 503
+
+
+class EngineRequestFailed(EngineUnavailable):
+    """The engine ended a request with a 5xx finish reason (`status_code` 503: the weights are unusable;
+    500: the scheduler hit a bug): the whole call answers that status with the reason."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def engine_exit_reason(code: int | None) -> str:
+    """"The engine process was killed by SIGKILL." / "... exited with code 1." from a Process.exitcode."""
+    if code is None:
+        return "The engine process is gone (its exit status is unknown)."
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (a memory-mapped file that shrank, or a crash in native code)" if name == "SIGBUS" else ""
+        return f"The engine process was killed by {name}{hint}."
+    return f"The engine process exited with code {code}."
 
 
 class ClientDisconnected(Exception):
@@ -55,6 +86,7 @@ class GenerateCall:
     remaining: int = 0
     dirty: list[int] = field(default_factory=list)   # indices updated since the last chunk (stream)
     error: str | None = None                         # set when the engine died under the call
+    failure: tuple[int, str] | None = None           # (HTTP status, reason): a sample ended with a 5xx abort
     disconnected: bool = False                       # set when the client went away
 
     @property
@@ -89,6 +121,7 @@ class EngineClient:
         self.info: EngineReady | None = None
         self.ready: asyncio.Event | None = None          # created in start(), inside the event loop
         self.dead_reason: str | None = None
+        self.failed: str | None = None                   # the engine's scheduler hit a bug (EngineState)
         self.on_fatal = lambda: None                     # the launcher stops uvicorn
         self.engine: EngineProcess | None = None
         self.metrics: ServerMetrics | None = None        # set by the app with --enable-metrics
@@ -133,9 +166,12 @@ class EngineClient:
                 sock.close(linger=0)
 
     def _on_engine_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.engine.sentinel)
-        code = self.engine.exitcode()
-        self._fail(f"The engine process exited (exit code {code}).")
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.engine.sentinel)
+        code = self.engine.reap()  # waitpid: no zombie left behind
+        self._fail(engine_exit_reason(code))
+        if self.info is not None:  # answered every waiting call above; let health checks see why, then exit
+            loop.call_later(EXIT_AFTER_ENGINE_DEATH_S, self.on_fatal)
 
     def _fail(self, reason: str) -> None:
         """The engine is gone: every waiting call ends with the reason, every later route answers 503."""
@@ -145,7 +181,7 @@ class EngineClient:
         if self.info is None:
             logger.error("%s The server exits: the engine never became ready.", reason)
         else:
-            logger.error("%s The server answers 503 from now on.", reason)
+            logger.error("%s The server answers 503 and exits in %.0f s.", reason, EXIT_AFTER_ENGINE_DEATH_S)
         for slot in list(self._slots.values()):
             slot.call.error = reason
             slot.call.event.set()
@@ -161,6 +197,8 @@ class EngineClient:
     def check_available(self) -> None:
         if self.dead_reason is not None:
             raise EngineUnavailable(self.dead_reason)
+        if self.failed is not None:
+            raise EngineUnavailable(self.failed)
         if self.info is None:
             raise EngineUnavailable("The server is starting: the model is still loading.")
 
@@ -191,6 +229,9 @@ class EngineClient:
             if slot.clock is not None:
                 self.metrics.on_output(slot.clock, len(out.new_token_ids), out.finished, out.prompt_tokens,
                                        out.cached_tokens)
+            status = (out.finish_reason or {}).get("status_code") if out.finished else None
+            if isinstance(status, int) and status >= 500 and call.failure is None:
+                call.failure = (status, str(out.finish_reason.get("message", "")))
             if out.finished:
                 del self._slots[out.rid]
                 call.remaining -= 1
@@ -215,6 +256,15 @@ class EngineClient:
                 fut = self._flush_waiters.popleft()
                 if not fut.done():
                     fut.set_result(out)
+        elif isinstance(out, EngineState):
+            self.weight_version = out.weight_version
+            self.unusable = out.unusable
+            self.paused = out.paused
+            if out.failed is not None and self.failed is None:
+                self.failed = out.failed
+                logger.error("The engine failed: %s /health answers 503 from now on.", out.failed)
+            elif out.unusable is not None:
+                logger.error("Weights unusable: %s", out.unusable)
         elif isinstance(out, EngineReady):
             self.info = out
             self.weight_version = out.weight_version
@@ -304,9 +354,12 @@ class EngineClient:
             raise ClientDisconnected()
 
     async def wait(self, call: GenerateCall) -> list[dict]:
-        """Every sample's final answer, in order (non-streaming)."""
+        """Every sample's final answer, in order (non-streaming); EngineRequestFailed when a sample ended
+        with a 5xx abort (the weights became unusable, the scheduler failed)."""
         while not call.finished:
             await self._next_event(call)
+        if call.failure is not None:
+            raise EngineRequestFailed(call.failure[1], call.failure[0])
         return [b.to_dict() for b in call.builders]
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[dict]:
@@ -317,6 +370,8 @@ class EngineClient:
         incremental = IncrementalStream() if self.args.incremental_streaming_output else None
         while True:
             await self._next_event(call)
+            if call.failure is not None:
+                raise EngineRequestFailed(call.failure[1], call.failure[0])
             dirty, call.dirty = call.dirty, []
             seen: set[int] = set()
             for i in dirty:
@@ -363,7 +418,10 @@ class EngineClient:
         return await self._control(message_cls, wait_s, **fields)
 
     async def health(self, timeout: float) -> None:
-        await self._control(HealthCheckRequest, timeout)
+        result = await self._control(HealthCheckRequest, timeout)
+        if result.error is not None:
+            self.failed = self.failed or result.error
+            raise EngineUnavailable(result.error)
 
     async def server_state(self, timeout: float) -> dict:
         result = await self._control(ServerStateRequest, timeout)

@@ -160,6 +160,14 @@ class EngineProcess:
     def exitcode(self) -> int | None:
         return None if self.process is None else self.process.exitcode
 
+    def reap(self, timeout: float = 2.0) -> int | None:
+        """After its sentinel fired: wait for the dead process (no zombie left) and return its exit code.
+        The sentinel (a pipe) closes a moment before waitpid can collect the process, hence the short join."""
+        if self.process is None:
+            return None
+        self.process.join(timeout)
+        return self.process.exitcode
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, then SIGKILL: the engine never outlives the server."""
         p = self.process

@@ -92,7 +92,7 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable) -> Response:
-        return error_response(str(exc), 503)
+        return error_response(str(exc), exc.status)  # 503; 500 for a request the scheduler failed
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

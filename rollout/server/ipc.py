@@ -17,7 +17,7 @@ import msgspec
 import zmq
 
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlRequest, ControlResult, EmbedRequest,
-                              EngineFailed, EngineReady, FlushCacheRequest, FlushCacheResult, GenerateRequest,
+                              EngineFailed, EngineReady, EngineState, FlushCacheRequest, FlushCacheResult, GenerateRequest,
                               HealthCheckRequest, HealthCheckResult, RequestOutput, ServerStateRequest,
                               ServerStateResult)
 
@@ -26,7 +26,7 @@ EngineInput = (GenerateRequest | EmbedRequest | AbortRequest | AbortRequestsExac
                | HealthCheckRequest | ServerStateRequest | ControlRequest)
 # Engine process -> HTTP process.
 EngineOutput = (RequestOutput | FlushCacheResult | HealthCheckResult | ServerStateResult | EngineReady
-                | EngineFailed | ControlResult)
+                | EngineFailed | ControlResult | EngineState)
 
 
 class InputCodec:

@@ -2,7 +2,8 @@
 
 The HTTP side starts at once and answers 503 until the engine has loaded the model; then one line,
 "The server is fired up and ready to roll!", says where it listens. SIGINT and SIGTERM stop both
-processes and exit 0; if the engine dies while serving, every route answers 503 with the reason.
+processes and exit 0; if the engine dies while serving, every route answers 503 with the reason (the signal
+or exit code) for a second, then the server exits 1 (rollout/server/engine_client.py).
 """
 
 from __future__ import annotations

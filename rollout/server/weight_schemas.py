@@ -37,7 +37,8 @@ def _get(body: dict[str, Any], name: str, kind: type | tuple, default: Any = _MI
 
 
 def _kind_name(kinds: tuple) -> str:
-    names = {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list"}
+    names = {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list",
+             dict: "an object"}
     return " or ".join(names.get(k, k.__name__) for k in kinds if k is not float or int not in kinds)
 
 
@@ -45,8 +46,20 @@ def _version(body: dict[str, Any]) -> str | None:
     return _get(body, "weight_version", str, None)
 
 
+def _digests(body: dict[str, Any]) -> dict[str, int] | None:
+    """Optional {HF name: CRC-32 of the tensor's bytes as sent} (sync.checksum.tensor_checksum)."""
+    digests = _get(body, "digests", dict, None)
+    if digests is None:
+        return None
+    for name, crc in digests.items():
+        if not isinstance(crc, int) or isinstance(crc, bool) or not 0 <= crc < 2**32:
+            raise BadRequest(f"digests[{short(name)}] must be a CRC-32 (an integer in [0, 2**32)), got {short(crc)}.")
+    return digests
+
+
 def _common(body: dict[str, Any]) -> dict[str, Any]:
-    return {"weight_version": _version(body), "flush_cache": _get(body, "flush_cache", bool, True)}
+    return {"weight_version": _version(body), "flush_cache": _get(body, "flush_cache", bool, True),
+            "digests": _digests(body)}
 
 
 def parse_update_from_disk(body: dict[str, Any]) -> dict[str, Any]:

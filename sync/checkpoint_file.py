@@ -1,0 +1,166 @@
+"""One safetensors file of a checkpoint, read with ordinary reads, never memory-mapped.
+
+safetensors' own reader maps the file: a trainer that re-saves the checkpoint in place (truncate to 0
+bytes, then write) while a server reads it makes the mapped pages vanish and the reader dies with SIGBUS.
+Here the header is parsed by hand (8-byte little-endian length, then JSON) and checked against the file
+size, and the data is read whole into memory with `readinto`; the file's (size, mtime, inode) is taken
+when the header is read and compared before and after the data read, so a file that changes at any point
+gives a `CheckpointChangedError` naming it instead of a crash or a silent mix of two versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import _getdtype  # safetensors' own header-code -> torch dtype table
+
+from sync.errors import WeightUpdateError
+from sync.scratch import ScratchBuffer
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class CheckpointChangedError(WeightUpdateError):
+    """The file changed (size, mtime or inode) while it was being read: nothing of it was used."""
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileStamp":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def describe(self) -> str:
+        return f"{self.size} bytes, mtime {self.mtime_ns}, inode {self.inode}"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data section
+    end: int
+
+
+class CheckpointFile:
+    """The header of one file (`open`), and its tensors read in one go (`read_tensors`)."""
+
+    def __init__(self, path: Path, stamp: FileStamp, data_start: int, entries: list[TensorEntry]):
+        self.path = path
+        self.stamp = stamp
+        self.data_start = data_start
+        self.entries = entries
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "CheckpointFile":
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                stamp = FileStamp.of(os.fstat(f.fileno()))
+                head = f.read(8)
+                if len(head) < 8:
+                    raise WeightUpdateError(f"{path} is not a safetensors file: it has {stamp.size} bytes, fewer "
+                                            "than the 8-byte header length.")
+                n = int.from_bytes(head, "little")
+                if n > MAX_HEADER_BYTES or 8 + n > stamp.size:
+                    raise WeightUpdateError(f"{path} is not a safetensors file (or is truncated): its header length "
+                                            f"field says {n} bytes, the file has {stamp.size}.")
+                raw = f.read(n)
+        except OSError as e:
+            raise WeightUpdateError(f"Cannot read {path}: {e.strerror or e}.") from None
+        if len(raw) < n:
+            raise CheckpointChangedError(f"{path} changed while being read: its header was cut short.")
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightUpdateError(f"{path} is not a safetensors file: its header is not JSON ({e}).") from None
+        if not isinstance(header, dict):
+            raise WeightUpdateError(f"{path} is not a safetensors file: its header is a JSON "
+                                    f"{type(header).__name__}, not an object.")
+        data_start = 8 + n
+        entries = [_entry(path, name, info, stamp.size - data_start)
+                   for name, info in header.items() if name != "__metadata__"]
+        entries.sort(key=lambda e: e.begin)
+        return cls(path, stamp, data_start, entries)
+
+    def _check_unchanged(self, st: os.stat_result, when: str) -> None:
+        now = FileStamp.of(st)
+        if now != self.stamp:
+            raise CheckpointChangedError(f"{self.path} changed while being read ({when}: was "
+                                         f"{self.stamp.describe()}, now {now.describe()}); nothing of it was "
+                                         "applied.")
+
+    def read_tensors(self, names: set[str] | None = None,
+                     scratch: ScratchBuffer | None = None) -> list[tuple[str, torch.Tensor]]:
+        """(name, CPU tensor) in file order for `names` (all by default), from one read of the data section.
+
+        With `scratch` the data lands in its buffer (kept between updates: no fresh pages to fault in, which
+        costs more than the read itself) and the tensors are views into it, valid until its next use.
+        Raises CheckpointChangedError when the file is not the one whose header was read, or changes
+        while its data is read."""
+        entries = [e for e in self.entries if names is None or e.name in names]
+        if not entries:
+            return []
+        first, last = entries[0].begin, max(e.end for e in entries)
+        buf = (torch.empty(last - first, dtype=torch.uint8) if scratch is None
+               else scratch.take(last - first, "cpu"))
+        try:
+            with open(self.path, "rb") as f:
+                self._check_unchanged(os.fstat(f.fileno()), "before reading its data")
+                f.seek(self.data_start + first)
+                view, got = memoryview(buf.numpy()), 0
+                while got < len(view):
+                    k = f.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
+                self._check_unchanged(os.fstat(f.fileno()), "after reading its data")
+            self._check_unchanged(os.stat(self.path), "after reading its data")
+        except OSError as e:
+            raise CheckpointChangedError(f"Cannot read {self.path}: {e.strerror or e}.") from None
+        if got < len(view):
+            raise CheckpointChangedError(f"{self.path} changed while being read: {got} of {len(view)} data bytes "
+                                         "could be read.")
+        out = []
+        for e in entries:
+            raw = buf[e.begin - first:e.end - first]
+            if (e.begin - first) % e.dtype.itemsize:  # not aligned for a typed view: copy it out
+                raw = raw.clone()
+            out.append((e.name, raw.view(e.dtype).view(e.shape)))
+        return out
+
+
+def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
+    where = f"Tensor {name!r} in {path}"
+    if not isinstance(info, dict):
+        raise WeightUpdateError(f"{where}: header entry is a {type(info).__name__}, not an object.")
+    dtype_code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    try:
+        dtype = _getdtype(dtype_code)
+    except (KeyError, TypeError):
+        raise WeightUpdateError(f"{where} has dtype {dtype_code!r}, which torch cannot read.") from None
+    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise WeightUpdateError(f"{where} has shape {shape!r}; expected a list of non-negative integers.")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or any(not isinstance(o, int) or isinstance(o, bool) for o in offsets)):
+        raise WeightUpdateError(f"{where} has data_offsets {offsets!r}; expected [begin, end].")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+        raise WeightUpdateError(f"{where}: data_offsets {offsets} do not hold {numel} elements of {dtype} "
+                                f"({numel * dtype.itemsize} bytes).")
+    if end > data_bytes:
+        raise WeightUpdateError(f"{where}: data_offsets {offsets} run past the end of the file's data "
+                                f"({data_bytes} bytes): the file is truncated.")
+    return TensorEntry(name, dtype, tuple(shape), begin, end)

@@ -53,7 +53,11 @@ class ModelRunner:
                            "tokens.", num_slots, self.context_len, num_slots)
             self.context_len = num_slots
         self.kv_pool = KVPool(self.num_layers, num_slots, attn.num_kv_heads, attn.head_dim, self.dtype, self.device)
-        self.backend = create_attention_backend(args.attention_backend, self.kv_pool)
+        backend_name = args.attention_backend
+        if args.enable_deterministic_inference:
+            from runtime.deterministic import make_batch_invariant
+            backend_name = make_batch_invariant(model, self.device)
+        self.backend = create_attention_backend(backend_name, self.kv_pool)
         logger.info("Model %s loaded: %d layers, KV pool of %d tokens (%.1f MiB), dtype %s, device %s.",
                     args.model_path, self.num_layers, num_slots, self.kv_pool.nbytes() / 2**20, self.dtype,
                     self.device)

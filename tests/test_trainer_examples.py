@@ -27,3 +27,16 @@ def test_example_short_run(tmp_path: Path, name: str, extra: list[str]) -> None:
         assert e["mismatch_max"] < 1e-2, e  # the server's logprobs are what the trainer computes
         assert e["update_s"] > 0  # every example pushes weights each step in its short mode
     assert logs[1]["rollout_version"] == "step-1", "step 2's rollouts must come from the pushed weights"
+
+
+def test_grpo_deterministic_is_exactly_on_policy(tmp_path: Path) -> None:
+    """--deterministic: the trainer's logprobs equal the rollout's bitwise, before and after a weight push."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "trainer_examples.grpo_cpu", "--steps", "2", "--prompts", "3",
+                           "--max-new-tokens", "12", "--trainer-threads", "1", "--out", str(out),
+                           "--server-device", "cpu", "--deterministic"], capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["rollout_version"] for e in logs] == ["default", "step-1"]
+    for e in logs:
+        assert e["mismatch_tokens"] > 0 and e["mismatch_max"] == 0.0, e

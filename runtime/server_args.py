@@ -32,6 +32,8 @@ class ServerArgs:
     api_key: str | None = None
     log_level: str = "info"
     attention_backend: str | None = None   # torch, triton or flashinfer; None: triton on CUDA, else torch
+    # Batch-invariant mode (runtime/deterministic.py); `deterministic` is its short alias.
+    enable_deterministic_inference: bool = False
     deterministic: bool = False
     num_threads: int | None = None         # torch intra-op threads on CPU; None: leave the process's as is
     # Broadcast updates: "direct" receives into the parameters (as fast as a raw broadcast; a peer dying
@@ -68,10 +70,13 @@ class ServerArgs:
         if self.weight_update_receive not in ("direct", "buffered"):
             raise ValueError(f"weight_update_receive must be 'direct' or 'buffered', got "
                              f"{self.weight_update_receive!r}.")
-        if self.deterministic:
-            # CPU GEMMs round differently for different batch sizes, so a batch-invariant mode needs
-            # its own kernels; refusing is better than a flag that silently promises what it lacks.
-            raise ValueError("deterministic (batch-invariant mode) is not implemented yet.")
+        if self.deterministic or self.enable_deterministic_inference:
+            self.deterministic = self.enable_deterministic_inference = True
+            # Only the CPU torch path has batch-invariant kernels; refusing beats a silent broken promise.
+            if torch.device(self.device).type != "cpu":
+                raise ValueError(f"enable_deterministic_inference is implemented on the CPU torch path only, "
+                                 f"not on device {self.device!r} (the Triton kernels are not batch-invariant "
+                                 f"yet).")
 
     @property
     def chunked_prefill(self) -> bool:

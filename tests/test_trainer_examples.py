@@ -47,3 +47,16 @@ def test_grpo_moe_short_run(tmp_path: Path) -> None:
         assert e["replay_mismatch_mean"] < e["natural_mismatch_mean"], e
         assert e["replay_mismatch_max"] < 0.2 < e["natural_mismatch_max"], e  # flips cost ~1 nat; bf16 ~5e-2
     assert logs[1]["rollout_version"] == "step-1"
+
+
+def test_grpo_deterministic_is_exactly_on_policy(tmp_path: Path) -> None:
+    """--deterministic: the trainer's logprobs equal the rollout's bitwise, before and after a weight push."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "trainer_examples.grpo_cpu", "--steps", "2", "--prompts", "3",
+                           "--max-new-tokens", "12", "--trainer-threads", "1", "--out", str(out),
+                           "--server-device", "cpu", "--deterministic"], capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["rollout_version"] for e in logs] == ["default", "step-1"]
+    for e in logs:
+        assert e["mismatch_tokens"] > 0 and e["mismatch_max"] == 0.0, e

@@ -32,6 +32,7 @@ class StepLog:
     mismatch_max: float
     trained_samples: int     # samples with nonzero advantage (the rest carry no gradient)
     rollout_version: str     # the weight version that produced the step's rollouts
+    mismatch_tokens: int = 0  # how many trained tokens mismatch_mean/max are over
 
 
 def argument_parser(module: str, doc: str | None, default_out: str) -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def argument_parser(module: str, doc: str | None, default_out: str) -> argparse.
     p.add_argument("--out", default=default_out, help="folder for the log (JSONL) and the reward curve (PNG)")
     p.add_argument("--verify", action="store_true", help="read weights back from the servers after each push")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="servers started with --enable-deterministic-inference and the trainer's logprobs from "
+                        "runtime/trainer_forward.py: every step's |dlogp| is exactly 0 (true on-policy; CPU)")
     return p
 
 
@@ -81,11 +85,15 @@ def advantages(rewards: list[list[float]]) -> list[list[float]]:
     return out
 
 
+LogprobFn = Callable[[list[list[int]], list[int]], list[torch.Tensor]]
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, problems: list[Problem],
                groups: list[list[GenerateResult]], adv: list[list[float]], clip: float,
-               micro_batch: int) -> tuple[list[float], int]:
+               micro_batch: int, logprobs: LogprobFn | None = None) -> tuple[list[float], int]:
     """One optimizer step on the samples with nonzero advantage; answers the |logprob differences| of
-    every trained token and the number of samples trained."""
+    every trained token and the number of samples trained. `logprobs(seqs, starts)` replaces the plain
+    transformers forward (token_logprobs), e.g. by the deterministic one."""
     batch = [(p.prompt_ids + r.output_ids, len(p.prompt_ids), torch.tensor(r.output_logprobs), a)
              for p, g, ag in zip(problems, groups, adv) for r, a in zip(g, ag) if a != 0.0 and r.output_ids]
     diffs: list[float] = []
@@ -95,7 +103,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, problems: lis
     opt.zero_grad(set_to_none=True)
     for k in range(0, len(batch), micro_batch):
         part = batch[k:k + micro_batch]
-        logps = token_logprobs(model, [b[0] for b in part], [b[1] for b in part])
+        seqs, starts = [b[0] for b in part], [b[1] for b in part]
+        logps = logprobs(seqs, starts) if logprobs is not None else token_logprobs(model, seqs, starts)
         loss = torch.zeros(())
         for (_, _, old, a), new in zip(part, logps):
             diffs.extend((new.detach() - old).abs().tolist())
@@ -132,6 +141,11 @@ def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[],
     sync = make_sync()
     sync.prepare(model)  # before the optimizer: it may move the parameters (BroadcastSync lays them flat)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    logprobs: LogprobFn | None = None
+    if getattr(args, "deterministic", False):
+        # The rollout's kernels on the trainer's parameters: the same bits as the server's logprobs.
+        from runtime.trainer_forward import TrainerForward
+        logprobs = TrainerForward(model).token_logprobs
     task = AdditionTask(tokenizer, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")
@@ -147,19 +161,20 @@ def run(args: argparse.Namespace, client: RolloutClient, make_sync: Callable[[],
                            [[task.reward(p, r.text or "") for r in g] for p, g in zip(problems, groups)])
                 t1 = time.monotonic()
                 diffs, trained = train_step(model, opt, problems, groups, advantages(rewards), args.clip,
-                                            args.micro_batch)
+                                            args.micro_batch, logprobs)
                 t2 = time.monotonic()
                 update_s = sync.push(model, f"step-{step}") if sync.due(step) else 0.0
                 flat = [x for g in rewards for x in g]
                 entry = StepLog(step, sum(flat) / len(flat), t1 - t0, t2 - t1, update_s,
                                 sum(diffs) / len(diffs) if diffs else 0.0, max(diffs, default=0.0), trained,
-                                groups[0][0].weight_version)
+                                groups[0][0].weight_version, len(diffs))
                 logs.append(entry)
                 log_file.write(json.dumps(asdict(entry)) + "\n")
                 log_file.flush()
                 print(f"step {step:3d}  reward {entry.reward:.3f}  rollout {entry.rollout_s:5.1f}s  "
                       f"train {entry.train_s:5.1f}s  update {entry.update_s:5.2f}s  |dlogp| mean "
-                      f"{entry.mismatch_mean:.2e} max {entry.mismatch_max:.2e}  trained {trained}  "
+                      f"{entry.mismatch_mean:.2e} max {entry.mismatch_max:.2e} over {len(diffs)} tokens  "
+                      f"trained {trained}  "
                       f"(rollouts from {entry.rollout_version})", flush=True)
     finally:
         sync.close()

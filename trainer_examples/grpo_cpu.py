@@ -2,6 +2,7 @@
 
     python -m trainer_examples.grpo_cpu            # about 6 minutes on 2 cores: mean reward 0.2 -> 1.0
     python -m trainer_examples.grpo_cpu --steps 2  # the CI version
+    python -m trainer_examples.grpo_cpu --deterministic  # true on-policy: |dlogp| = 0 exactly every step
 
 Starts one rollout server (SmolLM2-135M-Instruct) beside the trainer, or uses --url.
 """
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(rollout.launch_server(
-            args.model_path, num_threads=args.server_threads, device=args.server_device)).url
+            args.model_path, num_threads=args.server_threads, device=args.server_device,
+            enable_deterministic_inference=args.deterministic)).url
         client = stack.enter_context(rollout.RolloutClient([url]))
         grpo.run(args, client, lambda: BroadcastSync(client, verify=args.verify), "GRPO, broadcast every step")
 

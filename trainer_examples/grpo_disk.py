@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(rollout.launch_server(
-            args.model_path, num_threads=args.server_threads, device=args.server_device)).url
+            args.model_path, num_threads=args.server_threads, device=args.server_device,
+            enable_deterministic_inference=args.deterministic)).url
         client = stack.enter_context(rollout.RolloutClient([url]))
         ckpts = stack.enter_context(tempfile.TemporaryDirectory(prefix="grpo-ckpt-"))
         grpo.run(args, client, lambda: DiskSync(client, ckpts, args.every, verify=args.verify),

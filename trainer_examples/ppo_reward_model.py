@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
         policy = stack.enter_context(rollout.launch_server(args.model_path, num_threads=args.server_threads,
-                                                          device=args.server_device))
+                                                          device=args.server_device,
+                                                          enable_deterministic_inference=args.deterministic))
         client = stack.enter_context(RolloutClient([policy.url]))
         # The reward model is built from the policy the server runs (the embedded SmolLM2 by default).
         rm_path = make_reward_model(grpo.served_model_path(client), os.path.join(args.out, "reward_model"))

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.verify = True  # read weights back from both servers after every push
     with contextlib.ExitStack() as stack:
-        servers = [rollout.LocalServer(args.model_path, num_threads=args.server_threads, device=args.server_device).spawn()
+        servers = [rollout.LocalServer(args.model_path, num_threads=args.server_threads, device=args.server_device,
+                                       enable_deterministic_inference=args.deterministic).spawn()
                    for _ in range(2)]
         for s in servers:
             stack.callback(s.stop)

@@ -30,7 +30,10 @@ _BOOL_FIELDS_HELP = {
     "skip_tokenizer_init": "no tokenizer: token ids in and out, no 'text' in answers",
     "disable_radix_cache": "no prefix cache",
     "disable_cuda_graph": "no CUDA graphs for decode steps",
-    "deterministic": "batch-invariant mode",
+    "enable_deterministic_inference": "batch-invariant mode: a request gives bitwise the same tokens and "
+                                      "logprobs whatever else runs, and the trainer-side forward of "
+                                      "runtime/trainer_forward.py gives the same bits (CPU)",
+    "deterministic": "alias of --enable-deterministic-inference",
 }
 
 

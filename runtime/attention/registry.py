@@ -16,6 +16,8 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "torch": "runtime.attention.torch_backend:TorchAttentionBackend",
     "triton": "runtime.attention.triton_backend:TritonAttentionBackend",
     "flashinfer": "runtime.attention.flashinfer_backend:FlashInferAttentionBackend",
+    # --enable-deterministic-inference picks it (runtime/deterministic.py); CPU only.
+    "batch_invariant": "runtime.attention.batch_invariant_backend:BatchInvariantAttentionBackend",
 }
 
 

@@ -10,6 +10,7 @@ so the engine answers them in order; their results come back by id (or in order,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from rollout.server.engine_process import EngineProcess
 from rollout.server.ipc import InputCodec, OutputCodec, configure
+from rollout.server.text_codec import INLINE_CHARS, TextCodec, total_chars
 from runtime.generate_input import GenerateInput, NormalizedGenerate, normalize_generate
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EmbedRequest, EngineFailed, EngineReady,
                               FlushCacheRequest, FlushCacheResult, GenerateRequest, HealthCheckRequest,
@@ -35,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 class EngineUnavailable(Exception):
     """The engine is not ready, has died, or did not answer in time: HTTP 503."""
+
+
+class QueueFull(Exception):
+    """Too many samples waiting or running (--max-queued-requests): HTTP 429 with Retry-After."""
 
 
 class ClientDisconnected(Exception):
@@ -76,6 +82,10 @@ class EngineClient:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if not args.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        self.codec: TextCodec | None = None
+        if self.tokenizer is not None:
+            self.codec = TextCodec(self.tokenizer, args.tokenizer_path or args.model_path)
+        self.max_queued: int | None = getattr(args, "max_queued_requests", None)
         self.hf_config = AutoConfig.from_pretrained(args.model_path)
         self.weight_version = args.weight_version
         self.model_path = args.model_path                # the checkpoint last loaded from disk, as sent
@@ -125,6 +135,8 @@ class EngineClient:
         for sock in (self._push, self._pull):
             if sock is not None:
                 sock.close(linger=0)
+        if self.codec is not None:
+            self.codec.close()
 
     def _on_engine_exit(self) -> None:
         asyncio.get_running_loop().remove_reader(self.engine.sentinel)
@@ -234,24 +246,70 @@ class EngineClient:
     # --- generation -----------------------------------------------------------------------------
 
     def normalize(self, inp: GenerateInput) -> NormalizedGenerate:
+        """Tokenize and check a /generate call (blocking: big inputs run it on the codec's threads)."""
         self.check_available()
         tokenize = None
-        if self.tokenizer is not None:
-            tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731
+        if self.codec is not None:
+            self.check_text_length(inp.text)
+            tokenize = self.codec.encode
         return normalize_generate(inp, tokenize, self.info.vocab_size, self.info.context_len)
 
+    async def normalize_async(self, inp: GenerateInput) -> NormalizedGenerate:
+        """`normalize`, with big texts tokenized in the tokenizer process and big checks on a thread, so
+        the event loop keeps serving."""
+        size = total_chars(inp.text) + (len(inp.input_ids) if isinstance(inp.input_ids, list) else 0)
+        if self.codec is None or size <= INLINE_CHARS:
+            return self.normalize(inp)
+        text = inp.text
+        self.check_text_length(text)  # refuse by length before paying for a tokenizer
+        texts = text if isinstance(text, list) else [text]
+        if inp.input_ids is None and texts and all(isinstance(t, str) for t in texts):
+            ids = await self.codec.encode_many(texts)
+            # The same call by token ids: normalize_generate treats both alike from here on.
+            inp = dataclasses.replace(inp, text=None, input_ids=ids if isinstance(text, list) else ids[0])
+        return await self.codec.run(size, self.normalize, inp)
+
+    def check_text_length(self, text: Any) -> None:
+        """A text longer than the context times the longest token cannot fit: ValueError without tokenizing."""
+        if self.codec is None or self.info is None:
+            return
+        cap = self.info.context_len * self.codec.max_chars_per_token
+        texts = text if isinstance(text, list) else [text]
+        for i, t in enumerate(texts):
+            if isinstance(t, str) and len(t) > cap:
+                where = f"text[{i}]" if isinstance(text, list) else "text"
+                raise ValueError(f"{where} has {len(t)} characters: more than the model's context length "
+                                 f"({self.info.context_len} tokens) can hold (at most "
+                                 f"{self.codec.max_chars_per_token} characters a token), so it is refused "
+                                 "without tokenizing.")
+
+    def admit(self, count: int) -> None:
+        """QueueFull when `count` more samples would pass --max-queued-requests (waiting + running)."""
+        if self.max_queued is None:
+            return
+        if count > self.max_queued:
+            raise ValueError(f"The call asks for {count} samples, more than this server ever queues "
+                             f"(--max-queued-requests {self.max_queued}); split it.")
+        if len(self._slots) + count > self.max_queued:
+            raise QueueFull(f"The server is full: {len(self._slots)} samples are waiting or running and the call "
+                            f"adds {count}, over --max-queued-requests {self.max_queued}. Retry later.")
+
     def submit(self, norm: NormalizedGenerate, return_text_in_logprobs: bool, stream: bool,
-               start_time: float) -> GenerateCall:
+               start_time: float, admit: bool = True) -> GenerateCall:
         """Register the call's samples and send them; ValueError for an rid already in flight."""
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs, start_time) for r in norm.requests]
-        return self.submit_builders(builders, norm.is_batch, stream)
+        return self.submit_builders(builders, norm.is_batch, stream, admit)
 
-    def submit_builders(self, builders: list[Any], is_batch: bool, stream: bool = False) -> GenerateCall:
+    def submit_builders(self, builders: list[Any], is_batch: bool, stream: bool = False,
+                        admit: bool = True) -> GenerateCall:
         """Send each builder's request (`builder.req`); builders are ResponseBuilders or anything with
-        the same add / finished / to_dict (runtime/scoring_output.py's ScoringCollector)."""
+        the same add / finished / to_dict (runtime/scoring_output.py's ScoringCollector).
+        With `admit`, QueueFull past --max-queued-requests (health checks pass admit=False)."""
         self.check_available()
         if self.unusable is not None:
             raise EngineUnavailable(self.unusable)
+        if admit:
+            self.admit(len(builders))
         for b in builders:
             if b.req.rid in self._slots:
                 raise ValueError(f"Duplicate request id rid={b.req.rid!r}: a request with it is still running.")
@@ -358,11 +416,12 @@ class EngineClient:
         rid = f"HEALTH_CHECK_{next(self._ids)}_{time.monotonic_ns()}"
         if self.args.is_embedding:  # a scoring model generates nothing: score one token instead
             from runtime.scoring_output import ScoringCollector
-            call = self.submit_builders([ScoringCollector(EmbedRequest(rid=rid, input_ids=[0]))], False)
+            call = self.submit_builders([ScoringCollector(EmbedRequest(rid=rid, input_ids=[0]))], False, admit=False)
         else:
             req = GenerateRequest(rid=rid, input_ids=[0],
                                   sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
-            call = self.submit(NormalizedGenerate(is_batch=False, requests=[req]), False, False, time.monotonic())
+            call = self.submit(NormalizedGenerate(is_batch=False, requests=[req]), False, False, time.monotonic(),
+                               admit=False)
         try:
             await asyncio.wait_for(self.wait(call), timeout)
         except asyncio.TimeoutError:

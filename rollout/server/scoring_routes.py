@@ -16,8 +16,8 @@ from starlette.responses import Response
 from rollout.server.engine_client import ClientDisconnected, EngineClient
 from rollout.server.responses import json_response, watch_disconnect
 from rollout.server.schemas import BadRequest, parse_json_body
-from rollout.server.text_codec import total_chars
 from rollout.server.scoring_schemas import parse_encode, parse_rerank, parse_score
+from rollout.server.text_codec import total_chars
 from runtime.scoring_input import (NEEDS_CROSS_ENCODER, NEEDS_EMBEDDING, NEEDS_GENERATION, ModelLimits,
                                    NormalizedScoring, is_cross_encoder, model_limits, normalize_embed,
                                    normalize_rerank, normalize_score, rerank_results)

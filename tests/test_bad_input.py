@@ -43,8 +43,12 @@ def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
 
 
 def routes(model_dir: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Every POST route with a valid body (GET-only routes get the body-level classes)."""
+    """Every POST route with a valid body (GET-only routes get the body-level classes). A valid tensor
+    update sends the checkpoint's own values, so the model serves the same tokens after it."""
     norm = torch.ones(32)
+    if model_dir != "/m":
+        from safetensors.torch import load_file
+        norm = load_file(f"{model_dir}/model.safetensors")["model.norm.weight"]
     return {
         "/generate": ("POST", {"text": "Hello there", "rid": "bad-input", "return_logprob": False,
                                "logprob_start_len": -1, "top_logprobs_num": 0, "token_ids_logprob": [1],

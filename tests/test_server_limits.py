@@ -102,6 +102,7 @@ def test_garbage_request_line_is_answered_and_closed(server):
     # (docs/api.md, "Limits").
     got, _ = raw_exchange(server, b"\x00\xffNOT HTTP AT ALL\r\n\r\n", wait_s=10)
     assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    assert got.endswith(b"Invalid HTTP request received."), got[-200:]
     still_serves(server)
 
 

@@ -62,6 +62,9 @@ def test_admin_key_alone_locks_control_and_leaves_generation_open(model_dir, tmp
                        log_path=str(tmp_path / "server.log")) as server:
         for method, path, body in NORMAL:
             assert call(server, method, path, None, body).status_code == 200, path
+        # Many token ids (checked on a thread, no tokenizer here): a prompt past the context is a 400.
+        long = call(server, "POST", "/generate", None, {"input_ids": [5] * 20000})
+        assert long.status_code == 400 and "longer than the model's context length" in long.json()["error"]["message"]
         for method, path, body in CONTROL:
             refused(call(server, method, path, None, body), "--admin-api-key")
             refused(call(server, method, path, "wrong", body), "--admin-api-key")

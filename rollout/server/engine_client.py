@@ -258,8 +258,10 @@ class EngineClient:
         """`normalize`, with big texts tokenized in the tokenizer process and big checks on a thread, so
         the event loop keeps serving."""
         size = total_chars(inp.text) + (len(inp.input_ids) if isinstance(inp.input_ids, list) else 0)
-        if self.codec is None or size <= INLINE_CHARS:
+        if size <= INLINE_CHARS:
             return self.normalize(inp)
+        if self.codec is None:  # --skip-tokenizer-init: only token ids to check, on a thread if many
+            return await asyncio.to_thread(self.normalize, inp)
         text = inp.text
         self.check_text_length(text)  # refuse by length before paying for a tokenizer
         texts = text if isinstance(text, list) else [text]

@@ -55,6 +55,10 @@ def normalize_generate(inp: GenerateInput, tokenize: Callable[[str], list[int]] 
             if not isinstance(t, str):
                 raise ValueError(f"text must be a string or a list of strings, got {t!r}.")
         prompts = [tokenize(t) for t in texts]
+        for i, p in enumerate(prompts):
+            if not p:
+                where = f"text[{i}]" if is_batch else "text"
+                raise ValueError(f"{where}={_short(texts[i])} gives no tokens; send a non-empty prompt.")
     else:
         ids = inp.input_ids
         if not isinstance(ids, list):

@@ -30,6 +30,7 @@ class ServerArgs:
     random_seed: int = 0
     weight_version: str = "default"
     api_key: str | None = None
+    admin_api_key: str | None = None       # control routes need it (then not api_key); docs/api.md, "Limits"
     log_level: str = "info"
     attention_backend: str | None = None   # torch, triton or flashinfer; None: triton on CUDA, else torch
     # Batch-invariant mode (runtime/deterministic.py); `deterministic` is its short alias.
@@ -49,6 +50,12 @@ class ServerArgs:
     # Decode steps of up to cuda_graph_max_bs requests replay CUDA graphs captured at start-up (CUDA only).
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 256
+    # Limits of the HTTP front end (docs/api.md, "Limits"): 413 / 429 / 408 / 400 with the JSON error body.
+    max_request_bytes: int = 32 << 20      # a body over it is a 413 (every route but tensor updates)
+    max_weight_request_bytes: int = 16 << 30  # /update_weights_from_tensor: weights in base64
+    request_read_timeout: float = 30.0     # seconds without a byte of a body that is still due: 408
+    max_queued_requests: int = 16384       # samples waiting or running; more is a 429 with Retry-After
+    max_n: int = 1024                      # sampling_params.n above it is a 400
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -67,6 +74,12 @@ class ServerArgs:
                              f"{self.expert_distribution_recorder_mode!r}.")
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be at least 1, got {self.cuda_graph_max_bs}.")
+        for name in ("max_request_bytes", "max_weight_request_bytes", "max_queued_requests", "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not self.request_read_timeout > 0:
+            raise ValueError(f"request_read_timeout must be a positive number of seconds, got "
+                             f"{self.request_read_timeout}.")
         if self.weight_update_receive not in ("direct", "buffered"):
             raise ValueError(f"weight_update_receive must be 'direct' or 'buffered', got "
                              f"{self.weight_update_receive!r}.")

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 DISK_LOAD_FORMATS = (None, "auto", "safetensors")
 TENSOR_LOAD_FORMATS = (None, "auto", "safetensors")
 DISTRIBUTED_LOAD_FORMATS = (None, "auto", "flattened_bucket")
+# /get_weights_by_name answers one JSON document (built and sent in one piece): at most this many values.
+MAX_WEIGHT_VALUES = 1 << 18
 
 
 def default_backend(device: torch.device) -> str:
@@ -215,7 +217,11 @@ class WeightUpdater:
                 target = self.model.weight_target("model.embed_tokens.weight")  # tied: the same tensor
             else:
                 raise WeightUpdateError(f"Weight {name} is not kept by the model (a computed buffer).")
-        return target[:truncate_size].detach().float().cpu().tolist()
+        rows = target[:truncate_size]
+        if rows.numel() > MAX_WEIGHT_VALUES:  # the answer is one JSON document: keep it small
+            raise WeightUpdateError(f"truncate_size={truncate_size} asks for {rows.numel()} values of {name} (shape "
+                                    f"{list(target.shape)}); at most {MAX_WEIGHT_VALUES} per call: ask for fewer rows.")
+        return rows.detach().float().cpu().tolist()
 
     # --- memory ---------------------------------------------------------------------------------
 

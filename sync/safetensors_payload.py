@@ -43,7 +43,9 @@ def decode_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise WeightUpdateError(f"Tensor payload is not valid base64: {e}") from None
-    if raw[:1] == b"\x80":  # pickle protocol 2+ opcode: refuse without looking further
+    # A pickle (protocol 2+) starts with 0x80; so does a safetensors payload whose JSON header is 128 bytes
+    # long (its 8-byte length, then "{"). Either way nothing here runs code: load() only parses.
+    if raw[:1] == b"\x80" and raw[8:9] != b"{":
         raise WeightUpdateError("Tensor payload is a pickle; only safetensors bytes are accepted.")
     try:
         tensors = load(raw)

@@ -75,3 +75,15 @@ def test_payload_applies_to_a_model(tiny_model_dir) -> None:
     report = apply_named_tensors(model, decode_named_tensors(encode_named_tensors(named)))
     assert report.names == [n for n, _ in named]
     assert model_checksums(model, report.names) == named_checksums(named)
+
+
+def test_payload_whose_header_is_128_bytes_is_not_taken_for_a_pickle() -> None:
+    # Its first byte is 0x80 (the 8-byte header length), as a pickle's is: found by tests/test_bad_input.py.
+    named = [("model.norm.weight", torch.arange(32, dtype=torch.float32))]
+    payload = encode_named_tensors(named)
+    assert base64.b64decode(payload)[:1] == b"\x80"
+    (name, tensor), = decode_named_tensors(payload)
+    assert name == "model.norm.weight" and torch.equal(tensor, named[0][1])
+    import pickle
+    with pytest.raises(WeightUpdateError, match="pickle"):
+        decode_named_tensors(base64.b64encode(pickle.dumps({"x": 1})).decode())

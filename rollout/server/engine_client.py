@@ -10,6 +10,7 @@ so the engine answers them in order; their results come back by id (or in order,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import signal
@@ -26,6 +27,7 @@ from rollout.server.engine_process import EngineProcess
 from rollout.server.incremental_stream import IncrementalStream
 from rollout.server.ipc import InputCodec, OutputCodec, configure
 from rollout.server.metrics import RequestClock, ServerMetrics
+from rollout.server.text_codec import INLINE_CHARS, TextCodec, total_chars
 from runtime.generate_input import GenerateInput, NormalizedGenerate, check_routed_experts, normalize_generate
 from runtime.models.moe_layout import moe_layout
 from runtime.messages import (AbortRequest, AbortRequestsExact, ControlResult, EmbedRequest, EngineFailed, EngineReady,
@@ -71,6 +73,10 @@ def engine_exit_reason(code: int | None) -> str:
     return f"The engine process exited with code {code}."
 
 
+class QueueFull(Exception):
+    """Too many samples waiting or running (--max-queued-requests): HTTP 429 with Retry-After."""
+
+
 class ClientDisconnected(Exception):
     """The client of a call went away; its samples were aborted in the engine."""
 
@@ -112,6 +118,10 @@ class EngineClient:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if not args.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        self.codec: TextCodec | None = None
+        if self.tokenizer is not None:
+            self.codec = TextCodec(self.tokenizer, args.tokenizer_path or args.model_path)
+        self.max_queued: int | None = getattr(args, "max_queued_requests", None)
         self.hf_config = AutoConfig.from_pretrained(args.model_path)
         self.moe_layout = moe_layout(self.hf_config, args.is_embedding)  # None: dense (no routed experts)
         self.weight_version = args.weight_version
@@ -164,6 +174,8 @@ class EngineClient:
         for sock in (self._push, self._pull):
             if sock is not None:
                 sock.close(linger=0)
+        if self.codec is not None:
+            self.codec.close()
 
     def _on_engine_exit(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,26 +307,73 @@ class EngineClient:
     # --- generation -----------------------------------------------------------------------------
 
     def normalize(self, inp: GenerateInput) -> NormalizedGenerate:
+        """Tokenize and check a /generate call (blocking: big inputs run it on the codec's threads)."""
         self.check_available()
         tokenize = None
-        if self.tokenizer is not None:
-            tokenize = lambda text: self.tokenizer(text)["input_ids"]  # noqa: E731
+        if self.codec is not None:
+            self.check_text_length(inp.text)
+            tokenize = self.codec.encode
         check_routed_experts(inp, self.moe_layout is not None)
         return normalize_generate(inp, tokenize, self.info.vocab_size, self.info.context_len)
 
+    async def normalize_async(self, inp: GenerateInput) -> NormalizedGenerate:
+        """`normalize`, with big texts tokenized in the tokenizer process and big checks on a thread, so
+        the event loop keeps serving."""
+        size = total_chars(inp.text) + (len(inp.input_ids) if isinstance(inp.input_ids, list) else 0)
+        if size <= INLINE_CHARS:
+            return self.normalize(inp)
+        if self.codec is None:  # --skip-tokenizer-init: only token ids to check, on a thread if many
+            return await asyncio.to_thread(self.normalize, inp)
+        text = inp.text
+        self.check_text_length(text)  # refuse by length before paying for a tokenizer
+        texts = text if isinstance(text, list) else [text]
+        if inp.input_ids is None and texts and all(isinstance(t, str) for t in texts):
+            ids = await self.codec.encode_many(texts)
+            # The same call by token ids: normalize_generate treats both alike from here on.
+            inp = dataclasses.replace(inp, text=None, input_ids=ids if isinstance(text, list) else ids[0])
+        return await self.codec.run(size, self.normalize, inp)
+
+    def check_text_length(self, text: Any) -> None:
+        """A text longer than the context times the longest token cannot fit: ValueError without tokenizing."""
+        if self.codec is None or self.info is None:
+            return
+        cap = self.info.context_len * self.codec.max_chars_per_token
+        texts = text if isinstance(text, list) else [text]
+        for i, t in enumerate(texts):
+            if isinstance(t, str) and len(t) > cap:
+                where = f"text[{i}]" if isinstance(text, list) else "text"
+                raise ValueError(f"{where} has {len(t)} characters: more than the model's context length "
+                                 f"({self.info.context_len} tokens) can hold (at most "
+                                 f"{self.codec.max_chars_per_token} characters a token), so it is refused "
+                                 "without tokenizing.")
+
+    def admit(self, count: int) -> None:
+        """QueueFull when `count` more samples would pass --max-queued-requests (waiting + running)."""
+        if self.max_queued is None:
+            return
+        if count > self.max_queued:
+            raise ValueError(f"The call asks for {count} samples, more than this server ever queues "
+                             f"(--max-queued-requests {self.max_queued}); split it.")
+        if len(self._slots) + count > self.max_queued:
+            raise QueueFull(f"The server is full: {len(self._slots)} samples are waiting or running and the call "
+                            f"adds {count}, over --max-queued-requests {self.max_queued}. Retry later.")
+
     def submit(self, norm: NormalizedGenerate, return_text_in_logprobs: bool, stream: bool,
-               start_time: float, log_metrics: bool = True) -> GenerateCall:
+               start_time: float, log_metrics: bool = True, admit: bool = True) -> GenerateCall:
         """Register the call's samples and send them; ValueError for an rid already in flight."""
         builders = [ResponseBuilder(r, self.tokenizer, return_text_in_logprobs, start_time) for r in norm.requests]
-        return self.submit_builders(builders, norm.is_batch, stream, log_metrics, start_time)
+        return self.submit_builders(builders, norm.is_batch, stream, log_metrics, start_time, admit)
 
     def submit_builders(self, builders: list[Any], is_batch: bool, stream: bool = False, log_metrics: bool = True,
-                        start_time: float | None = None) -> GenerateCall:
+                        start_time: float | None = None, admit: bool = True) -> GenerateCall:
         """Send each builder's request (`builder.req`); builders are ResponseBuilders or anything with
-        the same add / finished / to_dict (runtime/scoring_output.py's ScoringCollector)."""
+        the same add / finished / to_dict (runtime/scoring_output.py's ScoringCollector).
+        With `admit`, QueueFull past --max-queued-requests (health checks pass admit=False)."""
         self.check_available()
         if self.unusable is not None:
             raise EngineUnavailable(self.unusable)
+        if admit:
+            self.admit(len(builders))
         for b in builders:
             if b.req.rid in self._slots:
                 raise ValueError(f"Duplicate request ID rid={b.req.rid!r}: a request with it is still running.")
@@ -436,12 +495,12 @@ class EngineClient:
         if self.args.is_embedding:  # a scoring model generates nothing: score one token instead
             from runtime.scoring_output import ScoringCollector
             call = self.submit_builders([ScoringCollector(EmbedRequest(rid=rid, input_ids=[0]))], False,
-                                        log_metrics=False)
+                                        log_metrics=False, admit=False)
         else:
             req = GenerateRequest(rid=rid, input_ids=[0],
                                   sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
             call = self.submit(NormalizedGenerate(is_batch=False, requests=[req]), False, False, time.monotonic(),
-                               log_metrics=False)
+                               log_metrics=False, admit=False)
         try:
             await asyncio.wait_for(self.wait(call), timeout)
         except asyncio.TimeoutError:

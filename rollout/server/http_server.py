@@ -7,7 +7,6 @@ Bodies are parsed by rollout/server/schemas.py, never by FastAPI's validation, s
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -21,6 +20,9 @@ from starlette.responses import Response, StreamingResponse
 from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall
 from rollout.server.info_routes import add_info_routes
 from rollout.server.metrics import ServerMetrics
+from rollout.server.auth import ApiKeyMiddleware
+from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall, QueueFull
+from rollout.server.limits import BodyLimitMiddleware, queue_full_response
 from rollout.server.responses import encode_json, error_response, json_response, watch_disconnect
 from rollout.server.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                                     parse_timeout, parse_tokenize)
@@ -47,27 +49,6 @@ def _version() -> str:
         return "unknown"
 
 
-class ApiKeyMiddleware:
-    """Bearer token on every route but /health (pure ASGI: no per-request overhead beyond a compare)."""
-
-    def __init__(self, app: Any, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            return await self.app(scope, receive, send)
-        got = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                got = value
-                break
-        if hmac.compare_digest(got, self.expected):
-            return await self.app(scope, receive, send)
-        response = error_response("Unauthorized: send the server's API key as 'Authorization: Bearer <key>'.", 401)
-        await response(scope, receive, send)
-
-
 def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,6 +70,10 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, exc: BadRequest) -> Response:
         return error_response(str(exc), 400)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> Response:
+        return queue_full_response(str(exc))
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable) -> Response:
@@ -115,9 +100,9 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
         if engine_client.args.is_embedding:
             raise BadRequest(NEEDS_GENERATION.format(route="/generate"))
         body = parse_json_body(await request.body())
-        inp = parse_generate(body, engine_client.info.vocab_size)
+        inp = parse_generate(body, engine_client.info.vocab_size, engine_client.args.max_n)
         try:
-            norm = engine_client.normalize(inp)
+            norm = await engine_client.normalize_async(inp)
         except ValueError as e:  # runtime/generate_input.py's checks, with API.md's messages
             raise BadRequest(str(e)) from None
         if engine_client.tokenizer is None:
@@ -173,8 +158,9 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
         engine_client.check_available()
         state = await engine_client.server_state(INFO_TIMEOUT_S)
         args = engine_client.args.to_dict()
-        if args.get("api_key"):
-            args["api_key"] = "<hidden>"
+        for key in ("api_key", "admin_api_key"):
+            if args.get(key):
+                args[key] = "<hidden>"
         info = dict(args)
         info.update({
             "max_total_num_tokens": engine_client.info.max_total_num_tokens,
@@ -234,25 +220,25 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
             raise BadRequest("This route needs the tokenizer, but the server runs with --skip-tokenizer-init.")
         return engine_client.tokenizer
 
+    # Big inputs are tokenized in the tokenizer process and checked on a thread (rollout/server/text_codec.py).
+
     async def tokenize(request: Request) -> Response:
-        tokenizer = _tokenizer()
+        _tokenizer()
+        codec = engine_client.codec
         prompt, add_special = parse_tokenize(parse_json_body(await request.body()))
-        if isinstance(prompt, list):
-            tokens: Any = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompt]
-            count: Any = [len(t) for t in tokens]
-        else:
-            tokens = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-            count = len(tokens)
+        single = not isinstance(prompt, list)
+        tokens, counts = await codec.tokenize_json([prompt] if single else prompt, add_special, single)
+        count: Any = counts[0] if single else counts
         return json_response({"tokens": tokens, "count": count, "max_model_len": engine_client.info.context_len})
 
     async def detokenize(request: Request) -> Response:
-        tokenizer = _tokenizer()
-        tokens, skip = parse_detokenize(parse_json_body(await request.body()), engine_client.info.vocab_size)
-        if tokens and isinstance(tokens[0], list):
-            text: Any = [tokenizer.decode(t, skip_special_tokens=skip) for t in tokens]
-        else:
-            text = tokenizer.decode(tokens, skip_special_tokens=skip)
-        return json_response({"text": text})
+        _tokenizer()
+        codec = engine_client.codec
+        raw = await request.body()
+        tokens, skip = await codec.run(len(raw) // 4, parse_detokenize, parse_json_body(raw), engine_client.info.vocab_size)
+        batch = bool(tokens) and isinstance(tokens[0], list)
+        text = await codec.decode_many(tokens if batch else [tokens], skip)
+        return json_response({"text": text if batch else text[0]})
 
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
@@ -266,6 +252,10 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
     add_tokenize_routes(app, engine_client)
     add_expert_routes(app, engine_client)
 
-    if engine_client.args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=engine_client.args.api_key)
+    # Starlette runs the last added middleware first: the key is checked before a body is read.
+    args = engine_client.args
+    app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_bytes,
+                       max_weight_bytes=args.max_weight_request_bytes, read_timeout_s=args.request_read_timeout)
+    if args.api_key or args.admin_api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, admin_api_key=args.admin_api_key)
     return app

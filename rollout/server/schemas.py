@@ -18,6 +18,8 @@ from runtime.generate_input import GenerateInput
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # One /generate call expands into prompts x n samples; past this many it is refused up front.
 MAX_SAMPLES_PER_CALL = 65536
+# Deeper JSON than this is refused: no field of the API nests past 4, and deep nesting costs recursion.
+MAX_JSON_DEPTH = 64
 
 _json_decoder = msgspec.json.Decoder()
 
@@ -38,11 +40,33 @@ def parse_json_body(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
         raise BadRequest("The request body is empty; expected a JSON object.")
     try:
         obj = _json_decoder.decode(body)
-    except msgspec.DecodeError as e:
+    except msgspec.MsgspecError as e:  # syntax, or a number beyond float range (1e999)
         raise BadRequest(f"The request body is not valid JSON: {e}.") from None
+    except RecursionError:
+        raise BadRequest(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).") from None
+    # A body with fewer brackets than the limit cannot be too deep: only walk the rest.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(obj) > MAX_JSON_DEPTH:
+        raise BadRequest(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).")
     if not isinstance(obj, dict):
         raise BadRequest(f"The request body must be a JSON object, got {type(obj).__name__}: {short(obj)}.")
     return obj
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of decoded JSON (iterative: no recursion however deep)."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (list, dict)))
+    return deepest
 
 
 # --- /generate ------------------------------------------------------------------------------------
@@ -106,7 +130,8 @@ def _num_prompts(body: dict[str, Any]) -> int:
     return 1
 
 
-def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
+def parse_generate(body: dict[str, Any], vocab_size: int, max_n: int | None = None) -> GenerateInput:
+    """`max_n`: the server's cap on sampling_params.n (--max-n)."""
     for key, value in body.items():
         if key in GENERATE_FIELDS or key in SGLANG_IGNORED_FIELDS:
             continue
@@ -129,12 +154,14 @@ def parse_generate(body: dict[str, Any], vocab_size: int) -> GenerateInput:
         sp = strip_sampling_params(sp, short)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    max_n = 1
+    most_n = 1
     for one in sp if isinstance(sp, list) else [sp]:
         if isinstance(one, dict) and isinstance(one.get("n"), int):
-            max_n = max(max_n, one["n"])
-    if count * max_n > MAX_SAMPLES_PER_CALL:
-        raise BadRequest(f"sampling_params.n={max_n} over {count} prompts asks for {count * max_n} samples; "
+            most_n = max(most_n, one["n"])
+    if max_n is not None and most_n > max_n:
+        raise BadRequest(f"sampling_params.n must be at most {max_n} (--max-n), got {most_n}.")
+    if count * most_n > MAX_SAMPLES_PER_CALL:
+        raise BadRequest(f"sampling_params.n={most_n} over {count} prompts asks for {count * most_n} samples; "
                          f"at most {MAX_SAMPLES_PER_CALL} per call.")
     inp.sampling_params = sp
 

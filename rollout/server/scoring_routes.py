@@ -17,6 +17,7 @@ from rollout.server.engine_client import ClientDisconnected, EngineClient
 from rollout.server.responses import json_response, watch_disconnect
 from rollout.server.schemas import BadRequest, parse_json_body
 from rollout.server.scoring_schemas import parse_encode, parse_rerank, parse_score
+from rollout.server.text_codec import total_chars
 from runtime.scoring_input import (NEEDS_CROSS_ENCODER, NEEDS_EMBEDDING, NEEDS_GENERATION, ModelLimits,
                                    NormalizedScoring, is_cross_encoder, model_limits, normalize_embed,
                                    normalize_rerank, normalize_score, rerank_results)
@@ -56,6 +57,12 @@ def add_scoring_routes(app: FastAPI, engine_client: EngineClient) -> None:
         except (ValueError, ScoringAborted) as e:
             raise BadRequest(str(e)) from None
 
+    async def checked_off_loop(size: int, fn, *args):
+        """`checked(fn, *args)` for a tokenizing check: on the codec's threads when the input is big."""
+        if engine_client.codec is None:
+            return checked(fn, *args)
+        return await engine_client.codec.run(size, checked, fn, *args)
+
     async def encode(request: Request) -> Response:
         start = time.monotonic()
         lim = limits()
@@ -63,7 +70,8 @@ def add_scoring_routes(app: FastAPI, engine_client: EngineClient) -> None:
         if not engine_client.args.is_embedding:
             raise BadRequest(NEEDS_EMBEDDING.format(route=route))
         f = parse_encode(parse_json_body(await request.body()), route)
-        norm = checked(normalize_embed, f["text"], f["input_ids"], f["rid"], engine_client.tokenizer, lim)
+        norm = await checked_off_loop(total_chars(f["text"]), normalize_embed, f["text"], f["input_ids"], f["rid"],
+                                      engine_client.tokenizer, lim)
         try:
             collectors = await run(request, norm, start)
         except ClientDisconnected:
@@ -76,8 +84,9 @@ def add_scoring_routes(app: FastAPI, engine_client: EngineClient) -> None:
         if engine_client.args.is_embedding:
             raise BadRequest(NEEDS_GENERATION.format(route="/v1/score"))
         f = parse_score(parse_json_body(await request.body()))
-        norm = checked(normalize_score, f["query"], f["items"], f["label_token_ids"], f["apply_softmax"],
-                       f["item_first"], engine_client.tokenizer, lim)
+        size = total_chars(f["query"]) + total_chars(f["items"])
+        norm = await checked_off_loop(size, normalize_score, f["query"], f["items"], f["label_token_ids"],
+                                      f["apply_softmax"], f["item_first"], engine_client.tokenizer, lim)
         try:
             collectors = await run(request, norm, time.monotonic())
         except ClientDisconnected:
@@ -95,8 +104,9 @@ def add_scoring_routes(app: FastAPI, engine_client: EngineClient) -> None:
             archs = getattr(engine_client.hf_config, "architectures", None)
             raise BadRequest(NEEDS_CROSS_ENCODER.format(route="/v1/rerank", archs=archs))
         f = parse_rerank(parse_json_body(await request.body()))
-        norm = checked(normalize_rerank, f["query"], f["documents"], f["top_n"], f["return_documents"],
-                       engine_client.tokenizer, lim)
+        size = total_chars(f["query"]) + total_chars(f["documents"])
+        norm = await checked_off_loop(size, normalize_rerank, f["query"], f["documents"], f["top_n"],
+                                      f["return_documents"], engine_client.tokenizer, lim)
         try:
             collectors = await run(request, norm, time.monotonic())
         except ClientDisconnected:

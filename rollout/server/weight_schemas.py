@@ -17,6 +17,11 @@ LOAD_FORMATS_DISTRIBUTED = (None, "auto", "flattened_bucket")
 PAUSE_MODES = ("abort", "retract", "in_place")
 MEMORY_TAGS = ("kv_cache", "weights")
 MAX_GROUP_TIMEOUT_S = 3600.0
+# A version is echoed into every later answer: keep it a label, not a payload.
+MAX_VERSION_CHARS = 256
+# /get_weights_by_name answers JSON built in one piece: bound the rows asked for (the engine also bounds
+# the values, runtime/weight_updater.py MAX_WEIGHT_VALUES, since a row can be wide).
+MAX_TRUNCATE_SIZE = 65536
 
 
 def _get(body: dict[str, Any], name: str, kind: type | tuple, default: Any = _MISSING, *,
@@ -42,8 +47,12 @@ def _kind_name(kinds: tuple) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds if k is not float or int not in kinds)
 
 
-def _version(body: dict[str, Any]) -> str | None:
-    return _get(body, "weight_version", str, None)
+def _version(body: dict[str, Any], name: str = "weight_version", default: Any = None) -> str | None:
+    version = _get(body, name, str, default)
+    if version is not None and len(version) > MAX_VERSION_CHARS:
+        raise BadRequest(f"{name} must be at most {MAX_VERSION_CHARS} characters, got {len(version)}: "
+                         f"{short(version)}.")
+    return version
 
 
 def _digests(body: dict[str, Any]) -> dict[str, int] | None:
@@ -151,11 +160,14 @@ def parse_get_weights(body: dict[str, Any]) -> dict[str, Any]:
         size = int(size)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise BadRequest(f"truncate_size must be a positive integer, got {short(size)}.")
+    if size > MAX_TRUNCATE_SIZE:
+        raise BadRequest(f"truncate_size must be at most {MAX_TRUNCATE_SIZE} (rows, or elements of a vector), got "
+                         f"{size}.")
     return {"name": name, "truncate_size": size}
 
 
 def parse_update_weight_version(body: dict[str, Any]) -> dict[str, Any]:
-    return {"new_version": _get(body, "new_version", str),
+    return {"new_version": _version(body, "new_version", _MISSING),
             "abort_all_requests": _get(body, "abort_all_requests", bool, False)}
 
 

@@ -11,99 +11,45 @@ tail is in the error if it fails to start).
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import Self, Sequence
 
 import requests
 
 from rollout.client.local_server import free_port
+from rollout.client.managed_process import ManagedProcess
 
 
-class LocalRouter:
+class LocalRouter(ManagedProcess):
+    name = "router"
+    start_timeout = 120.0
+    stop_timeout = 30.0
+
     def __init__(self, worker_urls: Sequence[str], *, host: str = "127.0.0.1", port: int | None = None,
                  policy: str = "cache_aware", log_path: str | None = None, flags: Sequence[str] = ()):
         """`flags`: more launch_router flags (e.g. ["--api-key", key])."""
         self.worker_urls = [u.rstrip("/") for u in worker_urls]
         self.port = port or free_port()
-        self.url = f"http://{host}:{self.port}"
-        self.args = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(self.port),
-                     "--worker-urls", *self.worker_urls, "--policy", policy, "--log-level", "warn", *flags]
-        if log_path is None:
-            fd, log_path = tempfile.mkstemp(prefix="sglang-router-", suffix=".log")
-            os.close(fd)
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self._log: IO[bytes] | None = None
+        args = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(self.port),
+                "--worker-urls", *self.worker_urls, "--policy", policy, "--log-level", "warn", *flags]
+        super().__init__(args, url=f"http://{host}:{self.port}", log_path=log_path, log_prefix="sglang-router-")
 
-    def spawn(self) -> "LocalRouter":
+    def spawn(self) -> Self:
         if importlib.util.find_spec("sglang_router") is None:
             raise RuntimeError("LocalRouter needs sglang-router: python -m pip install sglang-router")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def start(self, timeout: float = 120.0) -> "LocalRouter":
-        self.spawn()
-        try:
-            self.wait_until_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return super().spawn()
 
     def healthy_workers(self) -> list[str]:
         """The workers the router lists as healthy (GET /workers)."""
         body = requests.get(self.url + "/workers", timeout=5).json()
         return [w["url"].rstrip("/") for w in body.get("workers", []) if w.get("is_healthy")]
 
-    def wait_until_ready(self, timeout: float = 120.0) -> None:
-        """Until the router lists every worker as healthy; RuntimeError with the log if it exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"The router exited with code {self.proc.returncode} while starting:\n{self.log()}")
-            try:
-                if sorted(self.healthy_workers()) == sorted(self.worker_urls):
-                    return
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"The router at {self.url} did not list its workers within {timeout:g} s:\n{self.log()}")
+    def is_ready(self) -> bool:
+        """Ready once the router lists every worker as healthy."""
+        return sorted(self.healthy_workers()) == sorted(self.worker_urls)
 
-    def log(self, chars: int = 20000) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
-
-    def __enter__(self) -> "LocalRouter":
-        if self.proc is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def not_ready_message(self, timeout: float) -> str:
+        return f"The router at {self.url} did not list its workers within {timeout:g} s"
 
     def __repr__(self) -> str:
         return f"LocalRouter({self.url}, workers={self.worker_urls})"

@@ -6,7 +6,6 @@ Bodies are parsed by rollout/server/schemas.py, never by FastAPI's validation, s
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -17,13 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
-from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall
 from rollout.server.info_routes import add_info_routes
 from rollout.server.metrics import ServerMetrics
 from rollout.server.auth import ApiKeyMiddleware
 from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall, QueueFull
 from rollout.server.limits import BodyLimitMiddleware, queue_full_response
-from rollout.server.responses import encode_json, error_response, json_response, watch_disconnect
+from rollout.server.responses import encode_json, error_response, json_response, watched
 from rollout.server.schemas import (BadRequest, parse_abort, parse_detokenize, parse_generate, parse_json_body,
                                     parse_timeout, parse_tokenize)
 from rollout.server.openai_routes import add_openai_routes
@@ -118,32 +116,24 @@ def create_app(engine_client: EngineClient, engine: Any = None) -> FastAPI:
         if inp.stream:
             return StreamingResponse(_sse(request, call), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
         try:
-            results = await engine_client.wait(call)
+            async with watched(request, engine_client, call):
+                results = await engine_client.wait(call)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it
-        finally:
-            watcher.cancel()
-            if not call.finished:
-                engine_client.abandon(call)
         return json_response(results if call.is_batch else results[0])
 
     async def _sse(request: Request, call: GenerateCall) -> AsyncIterator[bytes]:
         # Starlette also cancels this generator when the client leaves (ASGI spec < 2.4); the watcher
         # makes the abort independent of that.
-        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
-        try:
-            async for chunk in engine_client.stream(call):
-                yield b"data: " + encode_json(chunk) + b"\n\n"
-        except EngineUnavailable as e:
-            yield b"data: " + encode_json({"error": {"message": str(e)}}) + b"\n\n"
-        except ClientDisconnected:
-            return
-        finally:
-            watcher.cancel()
-            if not call.finished:  # the client went away (the response task was cancelled)
-                engine_client.abandon(call)
+        async with watched(request, engine_client, call):
+            try:
+                async for chunk in engine_client.stream(call):
+                    yield b"data: " + encode_json(chunk) + b"\n\n"
+            except EngineUnavailable as e:
+                yield b"data: " + encode_json({"error": {"message": str(e)}}) + b"\n\n"
+            except ClientDisconnected:
+                return
         yield b"data: [DONE]\n\n"
 
     app.add_api_route("/generate", generate, methods=["POST", "PUT"])

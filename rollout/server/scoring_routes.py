@@ -7,14 +7,13 @@ runtime/scoring_input.py; this module adds the HTTP shapes and the per-server-ki
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from rollout.server.engine_client import ClientDisconnected, EngineClient
-from rollout.server.responses import json_response, watch_disconnect
+from rollout.server.responses import json_response, watched
 from rollout.server.schemas import BadRequest, parse_json_body
 from rollout.server.scoring_schemas import parse_encode, parse_rerank, parse_score
 from rollout.server.text_codec import total_chars
@@ -41,13 +40,8 @@ def add_scoring_routes(app: FastAPI, engine_client: EngineClient) -> None:
             call = engine_client.submit_builders(collectors, norm.is_batch)
         except ValueError as e:  # an rid already in flight
             raise BadRequest(str(e)) from None
-        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
-        try:
+        async with watched(request, engine_client, call):
             await engine_client.wait(call)
-        finally:
-            watcher.cancel()
-            if not call.finished:
-                engine_client.abandon(call)
         return collectors
 
     def checked(fn, *args):

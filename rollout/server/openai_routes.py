@@ -8,7 +8,6 @@ greedy tokens, logprobs and seeds are /generate's. Errors use OpenAI's shape
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import logging
@@ -26,7 +25,7 @@ from rollout.server.openai_render import OpenAIRender
 from rollout.server.openai_schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                                            OpenAIBadRequest, chat_logprobs, chat_max_tokens, completion_logprobs,
                                            parse_request, prompts, response_format_schema, sampling_params)
-from rollout.server.responses import encode_json, json_response, watch_disconnect
+from rollout.server.responses import OPENAI_ERROR_TYPES, encode_json, json_response, openai_error, watched
 from rollout.server.schemas import BadRequest, parse_json_body
 from runtime.generate_input import GenerateInput
 from runtime.scoring_input import NEEDS_EMBEDDING, NEEDS_GENERATION, model_limits, normalize_embed
@@ -34,16 +33,9 @@ from runtime.scoring_output import ScoringAborted
 
 logger = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               500: "internal_server_error", 503: "service_unavailable_error"}
 # A runtime check's message starts with the /generate name of the field; OpenAI's name for it.
 _PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed"}
 _PROMPT_WORDS = ("input_ids", "The")  # "The input (N tokens) is longer than ..."
-
-
-def openai_error(message: str, status: int, param: str | None = None) -> Response:
-    return json_response({"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param,
-                                    "code": status}}, status)
 
 
 def _param_of(message: str, prompt_param: str | None = None) -> str | None:
@@ -95,8 +87,16 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         if engine_client.args.is_embedding:
             raise OpenAIBadRequest(NEEDS_GENERATION.format(route=route))
 
-    async def run(request: Request, inp: GenerateInput, render: OpenAIRender, include_usage: bool,
-                  start: float) -> Response:
+    def render_for(req: CompletionRequest | ChatCompletionRequest, tok: Any, *, chat: bool, response_id: str,
+                   top: int | None, echo: list[str] | None = None) -> OpenAIRender:
+        return OpenAIRender(tok, chat=chat, response_id=response_id, model=req.model or served_model(), n=req.n,
+                            top_logprobs=top, return_token_ids=req.return_token_ids,
+                            sglext_input_ids=req.return_input_ids_in_sglext,
+                            sglext_output_ids=req.return_output_ids_in_sglext, echo_texts=echo)
+
+    async def run(request: Request, inp: GenerateInput, render: OpenAIRender,
+                  req: CompletionRequest | ChatCompletionRequest, start: float) -> Response:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
             norm = engine_client.normalize(inp)
         except ValueError as e:  # runtime/generate_input.py's checks
@@ -108,37 +108,29 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         if inp.stream:
             return StreamingResponse(stream(request, call, render, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
         try:
-            await engine_client.wait(call)
+            async with watched(request, engine_client, call):
+                await engine_client.wait(call)
         except ClientDisconnected:
             return Response(status_code=499)
-        finally:
-            watcher.cancel()
-            if not call.finished:
-                engine_client.abandon(call)
         return json_response(render.response(call.builders))
 
     async def stream(request: Request, call: GenerateCall, render: OpenAIRender,
                      include_usage: bool) -> AsyncIterator[bytes]:
-        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
-        try:
-            async for update in engine_client.stream(call):
-                index = update.get("index", 0)
-                chunk = render.delta_chunk(index, call.builders[index])
-                if chunk is not None:
-                    yield _sse(chunk)
-            final = render.final_chunk(call.builders, include_usage)
-            if final is not None:
-                yield _sse(final)
-        except EngineUnavailable as e:
-            yield _sse({"error": {"message": str(e), "type": ERROR_TYPES[503], "param": None, "code": 503}})
-        except ClientDisconnected:
-            return
-        finally:
-            watcher.cancel()
-            if not call.finished:
-                engine_client.abandon(call)
+        async with watched(request, engine_client, call):
+            try:
+                async for update in engine_client.stream(call):
+                    index = update.get("index", 0)
+                    chunk = render.delta_chunk(index, call.builders[index])
+                    if chunk is not None:
+                        yield _sse(chunk)
+                final = render.final_chunk(call.builders, include_usage)
+                if final is not None:
+                    yield _sse(final)
+            except EngineUnavailable as e:
+                yield _sse({"error": {"message": str(e), "type": OPENAI_ERROR_TYPES[503], "param": None, "code": 503}})
+            except ClientDisconnected:
+                return
         yield b"data: [DONE]\n\n"
 
     @openai_errors
@@ -159,12 +151,8 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         echo = None
         if req.echo:
             echo = texts if texts is not None else [tok.decode(p) for p in ids]
-        render = OpenAIRender(tok, chat=False, response_id=response_id, model=req.model or served_model(), n=req.n,
-                              top_logprobs=top, return_token_ids=req.return_token_ids,
-                              sglext_input_ids=req.return_input_ids_in_sglext,
-                              sglext_output_ids=req.return_output_ids_in_sglext, echo_texts=echo)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await run(request, inp, render, include_usage, start)
+        render = render_for(req, tok, chat=False, response_id=response_id, top=top, echo=echo)
+        return await run(request, inp, render, req, start)
 
     @openai_errors
     async def chat_completions(request: Request) -> Response:
@@ -183,12 +171,8 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         inp = GenerateInput(input_ids=chat_prompt_ids(tok, req), sampling_params=sp, rid=req.rid or response_id,
                             return_logprob=top is not None, top_logprobs_num=top or 0, stream=req.stream)
-        render = OpenAIRender(tok, chat=True, response_id=response_id, model=req.model or served_model(), n=req.n,
-                              top_logprobs=top, return_token_ids=req.return_token_ids,
-                              sglext_input_ids=req.return_input_ids_in_sglext,
-                              sglext_output_ids=req.return_output_ids_in_sglext)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await run(request, inp, render, include_usage, start)
+        render = render_for(req, tok, chat=True, response_id=response_id, top=top)
+        return await run(request, inp, render, req, start)
 
     @openai_errors
     async def embeddings(request: Request) -> Response:
@@ -216,15 +200,11 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
             call = engine_client.submit_builders(collectors, True)
         except ValueError as e:
             raise OpenAIBadRequest(str(e), "rid") from None
-        watcher = asyncio.ensure_future(watch_disconnect(request, engine_client, call))
         try:
-            await engine_client.wait(call)
+            async with watched(request, engine_client, call):
+                await engine_client.wait(call)
         except ClientDisconnected:
             return Response(status_code=499)
-        finally:
-            watcher.cancel()
-            if not call.finished:
-                engine_client.abandon(call)
         data = []
         for i, c in enumerate(collectors):
             try:

@@ -33,11 +33,15 @@ def _text_content(i: int, content: Any) -> Any:
     return "".join(texts)
 
 
-def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    if not req.messages:
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise OpenAIBadRequest(f"messages must be a list of chat messages, got {short(messages)}.", "messages")
+    if not messages:
         raise OpenAIBadRequest("messages cannot be empty.", "messages")
     out = []
-    for i, message in enumerate(req.messages):
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise OpenAIBadRequest(f"messages[{i}] must be an object, got {short(message)}.", "messages")
         if not isinstance(message.get("role"), str):
             raise OpenAIBadRequest(f"messages[{i}].role must be a string, got {short(message.get('role'))}.",
                                    "messages")
@@ -47,21 +51,30 @@ def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> list[int]:
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Any, *, add_generation_prompt: bool,
+                continue_final_message: bool, tools: list[dict[str, Any]] | None = None,
+                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """The chat as the model sees it: the tokenizer's template applied to the checked `messages`; every
+    failure is an OpenAIBadRequest naming `messages`."""
     if not tokenizer.chat_template:
-        raise OpenAIBadRequest("The tokenizer of this model has no chat template; use /v1/completions.", "messages")
-    messages = _messages(req)
-    if req.continue_final_message and req.add_generation_prompt:
+        raise OpenAIBadRequest("The tokenizer of this model has no chat template; send a prompt instead of "
+                               "messages (/v1/completions, or 'prompt' to /v1/tokenize).", "messages")
+    messages = _messages(messages)
+    if continue_final_message and add_generation_prompt:
         add_generation_prompt = False  # continuing the last (assistant) message opens no new one
-    else:
-        add_generation_prompt = req.add_generation_prompt
-    kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})
-    if req.tools:
-        kwargs["tools"] = req.tools
+    kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=req.continue_final_message, **kwargs)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
     except Exception as e:  # the template's own checks (roles must alternate, ...): the client's input
         raise OpenAIBadRequest(f"The chat template failed on these messages: {type(e).__name__}: {e}",
                                "messages") from None
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> list[int]:
+    text = render_chat(tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
+                       continue_final_message=req.continue_final_message, tools=req.tools,
+                       chat_template_kwargs=req.chat_template_kwargs)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -15,20 +15,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from rollout.server.chat_template import render_chat
 from rollout.server.engine_client import EngineClient
-from rollout.server.responses import json_response
+from rollout.server.responses import json_response, openai_error
 from rollout.server.schemas import BadRequest, parse_detokenize, parse_json_body, parse_tokenize, short
 
 PROMPT_FIELDS = {"prompt", "add_special_tokens", "return_token_strs", "model"}
 CHAT_FIELDS = {"messages", "add_generation_prompt", "continue_final_message", "add_special_tokens", "tools",
                "chat_template_kwargs", "return_token_strs", "model"}
 DETOKENIZE_FIELDS = {"tokens", "skip_special_tokens", "model"}
-
-
-def openai_error(message: str, status_code: int = 400, param: str | None = None) -> Response:
-    kind = "invalid_request_error" if status_code < 500 else "internal_server_error"
-    return json_response({"error": {"message": message, "type": kind, "param": param, "code": status_code}},
-                         status_code)
 
 
 def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
@@ -46,21 +41,8 @@ def _check_fields(body: dict[str, Any], known: set[str], route: str) -> None:
             raise BadRequest(f"Unknown field in the {route} body: {key}={short(body[key])}.")
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise BadRequest(f"messages must be a non-empty list of chat messages, got {short(value)}.")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string 'role', got {short(m)}.")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise BadRequest(f"messages[{i}].content must be a string, a list of parts or null, got {short(content)}.")
-    return value
-
-
-def render_chat(tokenizer: Any, body: dict[str, Any]) -> str:
-    """The chat as the model sees it: the tokenizer's template applied to `messages`."""
-    messages = _messages(body["messages"])
+def render_body_chat(tokenizer: Any, body: dict[str, Any]) -> str:
+    """The chat of a /v1/tokenize body as the model sees it (rollout/server/chat_template.py renders it)."""
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise BadRequest(f"chat_template_kwargs must be an object, got {short(kwargs)}.")
@@ -71,14 +53,8 @@ def render_chat(tokenizer: Any, body: dict[str, Any]) -> str:
     continue_final = _bool(body, "continue_final_message", False)
     if add_generation_prompt and continue_final and "add_generation_prompt" in body:
         raise BadRequest("add_generation_prompt and continue_final_message cannot both be true.")
-    if not getattr(tokenizer, "chat_template", None):
-        raise BadRequest("The model's tokenizer has no chat template; send 'prompt' instead of 'messages'.")
-    try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt and not continue_final,
-                                             continue_final_message=continue_final, **kwargs)
-    except Exception as e:  # a template error on these messages (jinja raise_exception, a bad role, ...)
-        raise BadRequest(f"The chat template cannot render these messages: {type(e).__name__}: {e}") from None
+    return render_chat(tokenizer, body["messages"], add_generation_prompt=add_generation_prompt,
+                       continue_final_message=continue_final, tools=tools, chat_template_kwargs=kwargs)
 
 
 def add_tokenize_routes(app: FastAPI, engine_client: EngineClient) -> None:
@@ -94,7 +70,7 @@ def add_tokenize_routes(app: FastAPI, engine_client: EngineClient) -> None:
             raise BadRequest("Send exactly one of 'prompt' (text) and 'messages' (a chat).")
         if "messages" in body:
             _check_fields(body, CHAT_FIELDS, "/v1/tokenize")
-            texts: Any = render_chat(tok, body)
+            texts: Any = render_body_chat(tok, body)
             add_special = _bool(body, "add_special_tokens", False)
         else:
             _check_fields(body, PROMPT_FIELDS, "/v1/tokenize")
@@ -113,7 +89,7 @@ def add_tokenize_routes(app: FastAPI, engine_client: EngineClient) -> None:
         try:
             return json_response(tokenize_body(parse_json_body(await request.body())))
         except BadRequest as e:
-            return openai_error(str(e))
+            return openai_error(str(e), 400, getattr(e, "param", None))
 
     async def v1_detokenize(request: Request) -> Response:
         try:
@@ -122,7 +98,7 @@ def add_tokenize_routes(app: FastAPI, engine_client: EngineClient) -> None:
             tok = tokenizer()
             tokens, skip = parse_detokenize(body, engine_client.info.vocab_size)
         except BadRequest as e:
-            return openai_error(str(e))
+            return openai_error(str(e), 400, getattr(e, "param", None))
         if tokens and isinstance(tokens[0], list):
             return json_response({"text": [tok.decode(t, skip_special_tokens=skip) for t in tokens]})
         return json_response({"text": tok.decode(tokens, skip_special_tokens=skip)})

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from sync import encode_named_tensors
 from tests.helpers import ServerProcess, free_port, make_tiny_model_dir
+from tests.server_checks import cpu_server
 
 GREEDY = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
 
@@ -33,13 +34,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     log = str(tmp_path_factory.mktemp("bad-input-log") / "server.log")
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", model_dir, "--log-level", "warning",
-                          "--max-total-tokens", "8000", "--request-read-timeout", "5"], log_path=log)
-    proc.start(timeout=300)
-    proc.reference = proc.post("/generate", json=GREEDY).json()["output_ids"]
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log()}"
+    with cpu_server(model_dir, "--max-total-tokens", "8000", "--request-read-timeout", "5", log_path=log) as proc:
+        proc.reference = proc.post("/generate", json=GREEDY).json()["output_ids"]
+        yield proc
 
 
 def routes(model_dir: str) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 import pytest
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.server_checks import cpu_server, ok
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
@@ -27,17 +27,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     log = str(tmp_path_factory.mktemp("metrics-log") / "server.log")
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", model_dir,
-                          "--max-total-tokens", "8000", "--log-level", "warning", "--enable-metrics"], log_path=log)
-    proc.start(timeout=300)
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log()}"
-
-
-def ok(resp: requests.Response):
-    assert resp.status_code == 200, (resp.status_code, resp.text[:2000])
-    return resp.json()
+    with cpu_server(model_dir, "--max-total-tokens", "8000", "--enable-metrics", log_path=log) as proc:
+        yield proc
 
 
 def scrape(server: ServerProcess) -> dict[str, float]:

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from rollout import LocalRouter, RolloutClient
 from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.server_checks import ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -51,11 +52,6 @@ def router(workers):
 
 def post(url: str, body: dict, **kwargs) -> requests.Response:
     return requests.post(url, json=body, timeout=120, **kwargs)
-
-
-def ok(resp: requests.Response):
-    assert resp.status_code == 200, (resp.status_code, resp.text[:2000])
-    return resp.json()
 
 
 def hf_greedy(model_dir: str, prompt_ids: list[int], new_tokens: int) -> list[int]:

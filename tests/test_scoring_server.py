@@ -7,22 +7,16 @@ on the wrong kind of server are 400s naming the field, and the server keeps serv
 from __future__ import annotations
 
 import pytest
-import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.helpers import ServerProcess, make_tiny_model_dir
 from tests.scoring_models import make_reward_model_dir, make_tiny_cross_encoder_dir
+from tests.server_checks import bad, cpu_server, ok
 
 CHATS = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
          "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n5, I think.<|im_end|>",
          "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue<|im_end|>"]
-
-
-def start(path: str, *extra: str) -> ServerProcess:
-    return ServerProcess(["--device", "cpu", "--dtype", "float32",
-                          "--model-path", path, "--max-total-tokens", "8192", "--log-level", "warning",
-                          *extra]).start(timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +31,14 @@ def rm_dir(lm_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def rm_server(rm_dir):
-    proc = start(rm_dir, "--is-embedding", "--chunked-prefill-size", "16")
-    yield proc
-    assert proc.stop() == 0, proc.log()
+    with cpu_server(rm_dir, "--max-total-tokens", "8192", "--is-embedding", "--chunked-prefill-size", "16") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def lm_server(lm_dir):
-    proc = start(lm_dir)
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-def ok(resp: requests.Response):
-    assert resp.status_code == 200, (resp.status_code, resp.text[:2000])
-    return resp.json()
-
-
-def bad(resp: requests.Response, *fragments: str) -> None:
-    assert resp.status_code == 400, (resp.status_code, resp.text[:2000])
-    message = resp.json()["error"]["message"]
-    for f in fragments:
-        assert f in message, message
+    with cpu_server(lm_dir, "--max-total-tokens", "8192") as proc:
+        yield proc
 
 
 def still_serves(server: ServerProcess, route: str, body: dict) -> None:
@@ -158,8 +138,7 @@ def test_rerank_matches_transformers(tmp_path):
     docs = ["Plants use photosynthesis.", "Cars need fuel.", "Leaves capture sunlight to make sugar.",
             "The moon orbits the earth."]
     want = ref(**tok([query] * len(docs), docs, padding=True, return_tensors="pt")).logits[:, 0].tolist()
-    proc = start(path, "--is-embedding")
-    try:
+    with cpu_server(path, "--max-total-tokens", "8192", "--is-embedding") as proc:
         got = ok(proc.post("/v1/rerank", json={"query": query, "documents": docs}))
         assert [r["index"] for r in got] == sorted(range(len(docs)), key=lambda i: -want[i])
         for r in got:
@@ -174,5 +153,3 @@ def test_rerank_matches_transformers(tmp_path):
         assert len(emb["embedding"]) == 1
         assert ok(proc.get("/get_server_info"))["internal_states"][0]["idle_clean"]
         assert proc.get("/health_generate").status_code == 200
-    finally:
-        assert proc.stop() == 0, proc.log()

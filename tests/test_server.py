@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from rollout.server.http_server import FLUSH_OK_TEXT
 from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.server_checks import ok
 
 CONTEXT = 4096
 MODEL_INFO_KEYS = {"model_path", "tokenizer_path", "is_generation", "preferred_sampling_params", "weight_version",
@@ -48,11 +49,6 @@ def tokenizer(model_dir: str):
 
 def generate(server: ServerProcess, timeout: float = 120.0, **body) -> requests.Response:
     return requests.post(server.url + "/generate", json=body, timeout=timeout)
-
-
-def ok(resp: requests.Response):
-    assert resp.status_code == 200, (resp.status_code, resp.text[:2000])
-    return resp.json()
 
 
 def stream_chunks(resp: requests.Response) -> tuple[list[dict], bool]:

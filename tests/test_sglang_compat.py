@@ -13,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 from transformers import AutoTokenizer
 
 from runtime import server_args as server_args_module
@@ -23,6 +22,7 @@ from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
 from runtime.server_args import ServerArgs
 from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.server_checks import bad, cpu_server, ok
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
 PROMPT = "The capital city of France is"
@@ -43,26 +43,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     log = str(tmp_path_factory.mktemp("compat-log") / "server.log")
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", model_dir,
-                          "--max-total-tokens", "20000", "--log-level", "warning",
-                          "--chunked-prefill-size", "-1", "--incremental-streaming-output"], log_path=log)
-    proc.start(timeout=300)
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log()}"
-
-
-def ok(resp: requests.Response):
-    assert resp.status_code == 200, (resp.status_code, resp.text[:2000])
-    return resp.json()
-
-
-def bad(resp: requests.Response, *words: str) -> str:
-    assert resp.status_code == 400, (resp.status_code, resp.text[:500])
-    message = resp.json()["error"]["message"]
-    for w in words:
-        assert w in message, (w, message)
-    return message
+    with cpu_server(model_dir, "--max-total-tokens", "20000", "--chunked-prefill-size", "-1",
+                    "--incremental-streaming-output", log_path=log) as proc:
+        yield proc
 
 
 def still_serves(server: ServerProcess) -> None:

@@ -6,7 +6,6 @@ and a wrong-shape checkpoint refused (400, rollback message) while the old weigh
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from tests.helpers import ServerProcess
+from tests.server_checks import ok
 from tests.scoring_models import make_tiny_cross_encoder_dir
 
 pytestmark = pytest.mark.timeout(180)
@@ -56,18 +56,12 @@ def servers(paths):
              "ce": ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", paths["ce_a"]])}
     for p in procs.values():  # both load at once
         p.args += ["--is-embedding", "--log-level", "warning", "--weight-version", "a"]
-        p._log = open(p.log_path, "wb")
-        p.proc = subprocess.Popen(p.args, stdout=p._log, stderr=subprocess.STDOUT)
+        p.spawn()
     for p in procs.values():
         p.wait_ready(300)
     yield procs
     for p in procs.values():
         assert p.stop() == 0, p.log()
-
-
-def ok(resp: requests.Response):
-    assert resp.status_code == 200, (resp.status_code, resp.text[:2000])
-    return resp.json()
 
 
 def update(server: ServerProcess, path: str, version: str) -> requests.Response:

@@ -44,9 +44,7 @@ def servers(checkpoints):
                             "--log-level", "warning", "--weight-version", "v0", "--weight-update-receive", mode])
              for mode in RECEIVE_MODES]
     for p in procs:
-        p.proc = None
-        p._log = open(p.log_path, "wb")
-        p.proc = subprocess.Popen(p.args, stdout=p._log, stderr=subprocess.STDOUT)  # both load at once
+        p.spawn()  # both load at once
     for p in procs:
         p.wait_ready(300)
     yield procs

@@ -34,6 +34,8 @@ class LocalRouter:
         self.url = f"http://{host}:{self.port}"
         self.args = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(self.port),
                      "--worker-urls", *self.worker_urls, "--policy", policy, "--log-level", "warn", *flags]
+        if "--prometheus-port" not in flags:  # its default port (29000) is taken by a second router on the host
+            self.args += ["--prometheus-port", str(free_port())]
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="sglang-router-", suffix=".log")
             os.close(fd)

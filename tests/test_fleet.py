@@ -67,6 +67,11 @@ def finished_requests(url: str) -> float:
     return float(re.search(r"^sglang:num_requests_total(?:\{[^}]*\})? (\S+)$", text, re.M).group(1))
 
 
+def running_requests(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=30).text
+    return float(re.search(r"^sglang:num_running_reqs(?:\{[^}]*\})? (\S+)$", text, re.M).group(1))
+
+
 def prompt_ids(fleet) -> list[int]:
     return requests.post(fleet.workers[0] + "/tokenize", json={"prompt": PROMPT}, timeout=30).json()["tokens"]
 
@@ -119,16 +124,19 @@ def test_server_killed_mid_rollout_is_replaced_and_updated(fleet, model_dirs):
     victim = fleet.server_pids()[1]
     url = fleet.workers[1]
     results: list = []
-    prompts = [f"Rollout {i} of the killed server test." for i in range(24)]
+    prompts = [f"Rollout {i} of the killed server test." for i in range(48)]
     rollout = threading.Thread(target=lambda: results.append(
-        fleet.client.generate(prompts, {"max_new_tokens": 24, "temperature": 1.0, "ignore_eos": True})))
+        fleet.client.generate(prompts, {"max_new_tokens": 96, "temperature": 1.0, "ignore_eos": True})))
     rollout.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while running_requests(url) == 0:  # kill it with requests in flight
+        assert time.monotonic() < deadline and rollout.is_alive(), "no request reached the victim"
+        time.sleep(0.05)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     rollout.join(300)
     assert results, "the rollout did not finish"
-    assert [len(g[0].output_ids) for g in results[0]] == [24] * 24  # no request lost
+    assert [len(g[0].output_ids) for g in results[0]] == [96] * 48  # no request lost
 
     dead = fleet.wait_for("dead", timeout=30)[0]
     assert dead.slot == 1 and dead.at - killed_at < 5.0, dead

@@ -15,8 +15,11 @@ and `fleet.client` need no new list. It loads the latest checkpoint the fleet kn
 at first the launch model) and does not hold the broadcast weights of later updates: create the weight
 update group for each update (as above), so the next update includes it and brings it up to date. A group
 kept across a death fails on its next broadcast (the dead rank is gone): destroy it and create a new one.
-Generation requests in flight on the dead server are answered 5xx by the router; the client resends each
-once (RetryPolicy.retry_server_error), which the router sends to a live server.
+Generation requests in flight on the dead server: sglang-router retries them on other workers itself
+(--retry-max-retries, 5 by default; measured: a SIGKILL with 18 requests running on the server reached the
+client as no error at all). A 5xx that still reaches the client (the router's retries spent) is resent once
+by the client (RetryPolicy.retry_server_error, on by default here), at most once: a request may so run twice
+on the servers, its answer reaches the caller once.
 """
 
 from __future__ import annotations

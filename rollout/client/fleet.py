@@ -222,7 +222,8 @@ class Fleet:
                 new_url = ray.get(self.actors[slot].start.remote(args), timeout=600)
             if new_url != url:
                 self.urls[slot] = new_url
-                old, self.client = self.client, RolloutClient(self.router_url or self.urls, workers=(
+                old = self.client
+                self.client = RolloutClient(self.router_url or self.urls, workers=(
                     self.urls if self.router_url else None), api_key=args.get("api_key"), retry=old.aio.retry)
                 old.close()
             if self.router_url:

@@ -60,3 +60,18 @@ def test_grpo_deterministic_is_exactly_on_policy(tmp_path: Path) -> None:
     assert [e["rollout_version"] for e in logs] == ["default", "step-1"]
     for e in logs:
         assert e["mismatch_tokens"] > 0 and e["mismatch_max"] == 0.0, e
+
+
+def test_grpo_fleet_short_run(tmp_path: Path) -> None:
+    """GRPO on a Ray fleet of two servers behind sglang-router: a group per push, versions checked."""
+    pytest.importorskip("ray", reason="grpo_fleet needs ray: pip install .[fleet]")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "trainer_examples.grpo_fleet", "--steps", "2", "--out", str(out),
+                           "--server-device", "cpu", "--servers", "2", "--verify"],
+                          capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs] == [1, 2]
+    assert all(e["mismatch_max"] < 1e-2 and e["update_s"] > 0 for e in logs), logs
+    assert logs[1]["rollout_version"] == "step-1"
+    assert "'step-2'" in proc.stdout

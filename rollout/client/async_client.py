@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from rollout.client.balancer import Balancer
-from rollout.client.errors import ConnectionFailedError, RolloutError, ServiceUnavailableError
+from rollout.client.errors import ConnectionFailedError, RolloutError, ServerError, ServiceUnavailableError
 from rollout.client.results import EncodeResult, GenerateResult, ServerReply
 from rollout.client.retry_policy import NO_RETRY, RetryPolicy
 from rollout.client.router import discover_workers
@@ -126,6 +126,7 @@ class AsyncRolloutClient(WeightUpdateMixin):
         backoff, on another server when there is one."""
         failed: ServerConnection | None = None
         attempt = 0
+        resent = False
         while True:
             server = self.balancer.acquire(weight, avoid=failed)
             try:
@@ -135,6 +136,12 @@ class AsyncRolloutClient(WeightUpdateMixin):
                 if attempt >= self.retry.retries:
                     raise
                 failed = server if len(self.balancer.servers) > 1 else None
+            except ServerError as e:
+                # Behind a router, a 5xx is a worker lost mid-request (RetryPolicy.retry_server_error).
+                if not self.retry.retry_server_error or resent or e.status < 500:
+                    raise
+                resent = True
+                failed = None
             finally:
                 server.release(weight)
             await asyncio.sleep(self.retry.delay(attempt))

@@ -32,6 +32,8 @@ class LocalRouter(ManagedProcess):
         self.port = port or free_port()
         args = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(self.port),
                 "--worker-urls", *self.worker_urls, "--policy", policy, "--log-level", "warn", *flags]
+        if "--prometheus-port" not in flags:  # its default port (29000) is taken by a second router on the host
+            args += ["--prometheus-port", str(free_port())]
         super().__init__(args, url=f"http://{host}:{self.port}", log_path=log_path, log_prefix="sglang-router-")
 
     def spawn(self) -> Self:

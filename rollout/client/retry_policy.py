@@ -17,6 +17,10 @@ class RetryPolicy:
     backoff_s: float = 0.5      # first wait
     max_backoff_s: float = 8.0  # cap on one wait
     retry_unavailable: bool = True  # also retry 503 answers (a server still loading its model)
+    # Resend a generate / score call once (at most once, whatever `retries` says) when a router answers
+    # 5xx: a worker behind it died with the request in flight; the router sends the resend to a live one.
+    # A request may so run twice on the servers; its answer reaches the caller once.
+    retry_server_error: bool = False
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt + 1` (attempt counts from 0); jitter spreads the clients

@@ -214,7 +214,10 @@ def test_engine_killed_server_says_why_and_exits(ckpt, tmp_path):
         long = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
         t = threading.Thread(target=lambda: box.setdefault("r", server.post("/generate", json=long)))
         t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while server.get("/get_load").json()[0]["num_reqs"] < 1:  # kill it while the request runs
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
         t.join(30)
         r = box["r"]
@@ -234,6 +237,7 @@ def test_engine_killed_server_says_why_and_exits(ckpt, tmp_path):
 def test_sigterm_under_load_answers_everything(ckpt, tmp_path):
     server = ServerProcess(_flags(ckpt), log_path=str(tmp_path / "server.log")).start()
     results: list = []
+    aborts: list[bool] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
@@ -241,11 +245,15 @@ def test_sigterm_under_load_answers_everything(ckpt, tmp_path):
                 "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
         try:
             r = requests.post(server.url + "/generate", json=body, timeout=60)
-            ok = r.status_code == 200 and ('"abort"' in r.text) and (not body["stream"] or r.text.endswith("[DONE]\n\n"))
+            # Answered: a whole JSON body, or a stream that ends with [DONE]. A request that finished before
+            # the signal ends by length; the ones still running when it came end by abort.
+            ok = r.status_code == 200 and (not body["stream"] or r.text.endswith("[DONE]\n\n"))
+            aborted = '"abort"' in r.text
         except requests.RequestException as e:
-            ok = e
+            ok, aborted = e, False
         with lock:
             results.append(ok)
+            aborts.append(aborted)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:
@@ -258,3 +266,4 @@ def test_sigterm_under_load_answers_everything(ckpt, tmp_path):
             t.join(30)
         server.stop()
     assert results == [True] * 16, results
+    assert any(aborts), "the signal came after every request had finished: nothing was in flight"

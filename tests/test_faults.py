@@ -235,7 +235,9 @@ def test_engine_killed_server_says_why_and_exits(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_under_load_answers_everything(ckpt, tmp_path):
-    server = ServerProcess(_flags(ckpt), log_path=str(tmp_path / "server.log")).start()
+    # Two run at a time, so most of the 16 wait in the queue when the signal comes (the tiny model's
+    # context is 256 tokens: a running request ends within a second or so on a quiet machine).
+    server = ServerProcess(_flags(ckpt, "--max-running-requests", "2"), log_path=str(tmp_path / "server.log")).start()
     results: list = []
     aborts: list[bool] = []
     lock = threading.Lock()
@@ -258,7 +260,12 @@ def test_sigterm_under_load_answers_everything(ckpt, tmp_path):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while True:  # signal once every request is in the engine
+        load = server.get("/get_load").json()[0]
+        if load["num_reqs"] + load["num_waiting_reqs"] >= 12 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     try:
         assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log()
     finally:

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from rollout import WeightUpdateError
 from tests.helpers import make_tiny_model_dir
+from tests.weight_trainer import hf_greedy
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
@@ -53,13 +54,6 @@ def fleet(model_dirs):
     yield f
     f.shutdown()
 
-
-def hf_greedy(model_dir: str, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
 
 
 def finished_requests(url: str) -> float:

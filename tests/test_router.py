@@ -12,12 +12,11 @@ import json
 import openai
 import pytest
 import requests
-import torch
-from transformers import AutoModelForCausalLM
 
 from rollout import LocalRouter, RolloutClient
 from tests.helpers import ServerProcess, make_tiny_model_dir
 from tests.server_checks import ok
+from tests.weight_trainer import hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -53,13 +52,6 @@ def router(workers):
 def post(url: str, body: dict, **kwargs) -> requests.Response:
     return requests.post(url, json=body, timeout=120, **kwargs)
 
-
-def hf_greedy(model_dir: str, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
 
 
 def test_generate_through_router(router, workers):

@@ -9,9 +9,12 @@ cache return to idle, and the process's memory stays flat across the updates.
 from __future__ import annotations
 
 import ctypes
+import gc
 import random
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,18 +26,44 @@ pytestmark = pytest.mark.timeout(180)
 
 NUM_CLIENTS = 200
 NUM_UPDATES = 100
+WARMUP_UPDATES = 20
 
 
 def rss_mib() -> float:
-    """Resident memory after glibc hands its free heap pages back: without the trim, RSS of 200 threads'
-    malloc arenas climbs about 15 MiB over the first ~150 updates and then stays (measured), which a leak
-    check cannot tell from a leak; with it, RSS stays within about 3 MiB across 100 updates."""
+    """Resident memory after glibc hands its free heap pages back (200 threads' malloc arenas otherwise
+    hold freed pages, which a leak check cannot tell from a leak)."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+@dataclass
+class Footprint:
+    rss_mib: float
+    objects: int        # objects the garbage collector tracks (every request's state is among them)
+    tensor_bytes: int   # bytes of the distinct storages behind live Python tensors
+
+
+def settled_footprint(eng: Engine) -> Footprint:
+    """The process's memory once nothing runs and the radix cache is empty: measured while requests run
+    or while the cache holds a varying set of prefixes, RSS moves by about 10 MiB either way between two
+    samples (measured), which would hide a leak or fake one."""
+    deadline = time.monotonic() + 10
+    while eng.scheduler.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert eng.flush_cache().success
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        st = obj.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return Footprint(rss_mib(), len(gc.get_objects()), sum(storages.values()))
 
 
 class Stats:
@@ -89,6 +118,30 @@ def eng(tiny_model_dir):
     e.shutdown()
 
 
+def run_updates(eng: Engine, mode: str, first: int, count: int, sets: list, order: dict[str, int],
+                stats: Stats) -> list[int]:
+    """`count` pause/update/continue cycles while NUM_CLIENTS threads keep requests coming; returns how
+    many requests were in the scheduler before each pause."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(eng, k, f"{mode}{first}", order, stop, stats), daemon=True)
+               for k in range(NUM_CLIENTS)]
+    for t in threads:
+        t.start()
+    in_flight = []
+    for i in range(first, first + count):
+        time.sleep(0.02)
+        in_flight.append(len(eng.scheduler.requests))
+        assert eng.pause_generation(mode)[0]
+        ok, msg = eng.update_weights_from_tensor(sets[i % 2], weight_version=f"{mode}-{i}")
+        assert ok, msg
+        assert eng.continue_generation()[0]
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return in_flight
+
+
 @pytest.mark.parametrize("mode", ["in_place", "retract", "abort"])
 def test_updates_under_load(eng, tiny_model_dir, mode):
     path = tiny_model_dir("llama")
@@ -96,25 +149,12 @@ def test_updates_under_load(eng, tiny_model_dir, mode):
     sets = [perturbed(path, 0.05, seed=11), perturbed(path, 0.05, seed=12)]
     order = {eng.weight_version: -1}
     order.update({f"{mode}-{i}": i for i in range(NUM_UPDATES)})
-    stats, stop = Stats(), threading.Event()
-    threads = [threading.Thread(target=client, args=(eng, k, mode, order, stop, stats), daemon=True)
-               for k in range(NUM_CLIENTS)]
-    for t in threads:
-        t.start()
-    in_flight, rss = [], {}
-    for i in range(NUM_UPDATES):
-        time.sleep(0.02)
-        in_flight.append(len(eng.scheduler.requests))
-        assert eng.pause_generation(mode)[0]
-        ok, msg = eng.update_weights_from_tensor(sets[i % 2], weight_version=f"{mode}-{i}")
-        assert ok, msg
-        assert eng.continue_generation()[0]
-        if i in (20, NUM_UPDATES - 1):
-            rss[i] = rss_mib()
-    stop.set()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    stats = Stats()
+    # The first updates warm up what is allocated once (malloc arenas, staging buffers): memory is
+    # compared from after them to the end.
+    in_flight = run_updates(eng, mode, 0, WARMUP_UPDATES, sets, order, stats)
+    before = settled_footprint(eng)
+    in_flight += run_updates(eng, mode, WARMUP_UPDATES, NUM_UPDATES - WARMUP_UPDATES, sets, order, stats)
 
     assert not stats.errors, stats.errors[:5]
     assert stats.answers == stats.submitted  # nothing lost (every call returned) or duplicated (ids checked)
@@ -124,12 +164,14 @@ def test_updates_under_load(eng, tiny_model_dir, mode):
     else:
         assert set(stats.finish_types) == {"length"}, stats.finish_types
         assert stats.spanning > 0  # some requests have tokens from two versions
-    deadline = time.monotonic() + 10
-    while eng.scheduler.requests and time.monotonic() < deadline:
-        time.sleep(0.05)
+    after = settled_footprint(eng)
     eng.pause_generation("retract")  # the scheduler thread stands still while we inspect its state
     assert eng.scheduler.is_idle_clean()
     eng.continue_generation()
-    assert rss[NUM_UPDATES - 1] - rss[20] < 8, rss
+    # Per 80 updates and some 16,000 requests: a request's state left behind would add tens of thousands
+    # of objects, one copy of the weights per update about 34 MiB of tensors and of RSS.
+    assert after.objects - before.objects < 2000, (before, after)
+    assert after.tensor_bytes - before.tensor_bytes < 1 << 20, (before, after)
+    assert after.rss_mib - before.rss_mib < 16, (before, after)
     last = dict(sets[(NUM_UPDATES - 1) % 2])["model.norm.weight"]
     assert torch.equal(torch.tensor(eng.get_weights_by_name("model.norm.weight")), last)

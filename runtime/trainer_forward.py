@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
+from runtime.models.activations import activation
 
 from kernels.batch_invariant import invariant_attention, invariant_linear, padded_key_len
 from kernels.rmsnorm import add_rms_norm, rms_norm
@@ -48,7 +48,7 @@ class TrainerForward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         layers = model.model.layers
         if any(not hasattr(layer.mlp, "gate_proj") for layer in layers):
             raise ValueError("TrainerForward supports dense decoders only (no mixture-of-experts layers).")

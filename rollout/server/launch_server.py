@@ -159,5 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(launch_server(args))
+    code = launch_server(args)
+    # Both processes are stopped and their files removed; the interpreter's teardown of what is left
+    # (tokenizer, web stack, torch) only delays the exit that restarts and test fixtures wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 

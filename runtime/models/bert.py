@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
+from runtime.models.activations import activation
 
 from runtime.attention.bidirectional import PackedLayout, bidirectional_attention
 from runtime.weight_loader import copy_into_target
@@ -86,7 +86,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(h))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
+from runtime.models.activations import activation
 
 from kernels.rotary import RotaryInputs, apply_rotary
 from runtime.attention.base import AttentionBackend
@@ -79,7 +79,7 @@ class DecoderMLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
 
     def shard_rows(self, shard: int) -> slice:
         return slice(shard * self.intermediate_size, (shard + 1) * self.intermediate_size)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
+from runtime.models.activations import activation
 
 from runtime.models.llama import DecoderMLP
 from runtime.routing_capture import RoutingCapture
@@ -59,7 +59,7 @@ class StackedExperts(nn.Module):
         self.fp32_weighting = spec.fp32_weighting
         self.gate_up_proj = nn.Parameter(torch.empty(spec.num_experts, 2 * spec.expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(spec.num_experts, hidden_size, spec.expert_size))
-        self.act = ACT2FN[hidden_act]
+        self.act = activation(hidden_act)
 
     def expert_view(self, expert: int, part: str) -> torch.Tensor:
         """One expert's "gate", "up" or "down" projection as a view of the stacked weights."""

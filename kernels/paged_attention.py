@@ -101,12 +101,12 @@ def cascade_decode_attention_torch(
     q: torch.Tensor,               # [B, H, D] one query per request
     k_cache: torch.Tensor, v_cache: torch.Tensor,   # [S, Hkv, D]
     prefix_table: torch.Tensor,    # [G, P] slots of each group's shared prefix, padded
-    prefix_mask: torch.Tensor,     # [G, P] bool
+    prefix_mask: torch.Tensor | None,  # [G, P] bool; None: every key valid
     member_index: torch.Tensor,    # [G, M] decode row of each group member, padded with 0
     member_rows: torch.Tensor,     # [K] decode rows that belong to a group
     member_flat: torch.Tensor,     # [K] their position in the padded [G*M] member layout
     suffix_table: torch.Tensor,    # [B, Ls] slots of each request's keys after its group's prefix
-    suffix_mask: torch.Tensor,     # [B, Ls] bool
+    suffix_mask: torch.Tensor | None,  # [B, Ls] bool; None: every key valid
     scale: float,
 ) -> torch.Tensor:                 # [B, H, D]
     """Decode attention where groups of requests share a prefix (the n samples of one prompt): the

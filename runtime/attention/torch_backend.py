@@ -129,9 +129,11 @@ class TorchAttentionBackend(AttentionBackend):
         idx = start[:, None] + torch.arange(suffix_len, device=dev)[None, :]
         suffix_mask = idx < seq[:, None]
         suffix_table = table.gather(1, idx.clamp(max=width - 1)).masked_fill(~suffix_mask, pad)
-        cascade = dict(prefix_table=prefix_table, prefix_mask=prefix_mask, member_index=member_index,
-                       member_rows=member_rows_t, member_flat=member_flat_t, suffix_table=suffix_table,
-                       suffix_mask=suffix_mask)
+        # A mask with no False in it (one request, or equal lengths) is left out: the kernel then skips
+        # building and adding a bias of zeros in every layer, with the same result.
+        cascade = dict(prefix_table=prefix_table, prefix_mask=None if bool(prefix_mask.all()) else prefix_mask,
+                       member_index=member_index, member_rows=member_rows_t, member_flat=member_flat_t,
+                       suffix_table=suffix_table, suffix_mask=None if bool(suffix_mask.all()) else suffix_mask)
         return _DecodeGroup(token_start, n, width, cascade, self._extend_group(batch, lo, hi, token_start))
 
     def forward(self, q, k, v, layer_id, batch, scale, sliding_window=None):

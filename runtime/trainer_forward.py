@@ -19,12 +19,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from runtime.models.activations import activation
 
 from kernels.batch_invariant import invariant_attention, invariant_linear, padded_key_len
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary
 from runtime.attention.batch_invariant_backend import output_rows, query_rows, row_positions
+from runtime.models.activations import activation
 from runtime.models.layers import RotaryTable
 from runtime.models.llama import sliding_window_of_layer
 from runtime.sampler import processed_logprobs

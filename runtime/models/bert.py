@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from runtime.models.activations import activation
 
 from runtime.attention.bidirectional import PackedLayout, bidirectional_attention
+from runtime.models.activations import activation
 from runtime.weight_loader import copy_into_target
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from runtime.models.activations import activation
 
 from kernels.rotary import RotaryInputs, apply_rotary
 from runtime.attention.base import AttentionBackend
 from runtime.forward_batch import ForwardBatch
+from runtime.models.activations import activation
 from runtime.models.layers import RMSNorm, RotaryTable
 from runtime.weight_loader import copy_into_target
 

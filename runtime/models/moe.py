@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from runtime.models.activations import activation
 
+from runtime.models.activations import activation
 from runtime.models.llama import DecoderMLP
 from runtime.routing_capture import RoutingCapture
 

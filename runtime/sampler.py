@@ -30,9 +30,13 @@ import torch
 from kernels.row_select import long_tensor, put_rows, row_index, take_rows
 from kernels.sampling import draw_tokens
 from kernels.sampling_support import truncation_support
-from runtime.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from runtime.logit_penalties import apply_penalties
+from runtime.logprob_entries import LogprobList, batch_logprob_entries, logprob_entries, processed_logprobs
+from runtime.sampling_params import SamplingParams
+from runtime.seeded_uniform import as_int64, seeded_uniform
 from runtime.token_support import AllowedTokens
 
+# processed_logprobs, logprob_entries and seeded_uniform live in their own files; imported from here too.
 __all__ = [
     "SampleOutput",
     "Sampler",
@@ -41,53 +45,6 @@ __all__ = [
     "processed_logprobs",
     "seeded_uniform",
 ]
-
-LogprobList = list[tuple[float, int]]
-
-# ----------------------------------------------------------------------------------------------
-# Counter-based random numbers (splitmix64 in int64 tensor arithmetic)
-# ----------------------------------------------------------------------------------------------
-
-_U64 = (1 << 64) - 1
-
-
-def _as_int64(value: int) -> int:
-    """Reinterpret the low 64 bits of a Python int as a signed int64 (what a torch.long holds)."""
-    value &= _U64
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
-_MIX_A = _as_int64(0xBF58476D1CE4E5B9)
-_MIX_B = _as_int64(0x94D049BB133111EB)
-
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; splitmix64 needs the logical shift of the unsigned value.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    # int64 multiplication wraps modulo 2**64, which is exactly the uint64 arithmetic splitmix wants.
-    z = (z ^ _shift_right(z, 30)) * _MIX_A
-    z = (z ^ _shift_right(z, 27)) * _MIX_B
-    return z ^ _shift_right(z, 31)
-
-
-def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """One float64 in the open interval (0, 1) per (seed, step) pair, int64 inputs of equal shape.
-
-    The seed is hashed before the step is added so that seeds s and s + k * golden do not walk the
-    same sequence shifted by k steps. 52 random bits keep u strictly below 1 in float64.
-    """
-    key = _mix64(seeds + _GOLDEN)
-    bits = _mix64(key + (steps + 1) * _GOLDEN)
-    return (_shift_right(bits, 12).to(torch.float64) + 0.5) * (2.0**-52)
-
-
-# ----------------------------------------------------------------------------------------------
-# Public API
-# ----------------------------------------------------------------------------------------------
 
 
 class SamplerRow(Protocol):
@@ -108,35 +65,6 @@ class SampleOutput:
     # Per row when asked (`want_support`): the ids the row could have drawn, most probable first; None
     # for a row whose distribution was not truncated at all (every token of the vocabulary).
     sampling_masks: list[list[int] | None] = field(default_factory=list)
-
-
-def processed_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) in fp32, T = 1 for greedy; the distribution the sampler draws from."""
-    x = logits.float()
-    if temperature >= GREEDY_TEMPERATURE and temperature != 1.0:
-        x = x / temperature
-    return torch.log_softmax(x, dim=-1)
-
-
-def logprob_entries(
-    logprobs: torch.Tensor,
-    token_ids: torch.Tensor,
-    top_logprobs_num: int,
-    token_ids_logprob: list[int] | None,
-) -> tuple[list[float], list[LogprobList] | None, list[LogprobList] | None]:
-    """Per-row logprob of `token_ids`, and optionally the top-k and the requested-id entries.
-
-    `logprobs` is [N, V] of already log-softmaxed rows (prompt positions of one request).
-    """
-    n = logprobs.shape[0]
-    chosen, top, by_id = _entries(
-        logprobs, token_ids.to(logprobs.device).view(-1), [top_logprobs_num] * n, [token_ids_logprob] * n
-    )
-    return (
-        chosen,
-        top if top_logprobs_num > 0 else None,
-        by_id if token_ids_logprob is not None else None,
-    )
 
 
 @dataclass
@@ -222,7 +150,7 @@ class Sampler:
         if wants:
             w = row_index(wants, batch, device)
             lsm = torch.log_softmax(take_rows(scaled, w), dim=-1)
-            chosen, tops, ids = _entries(
+            chosen, tops, ids = batch_logprob_entries(
                 lsm,
                 take_rows(next_ids, w),
                 [top_logprobs_num[i] for i in wants],
@@ -302,7 +230,7 @@ class Sampler:
         if plan.mask_rows:
             x[long_tensor(plan.mask_rows, device), long_tensor(plan.mask_tokens, device)] = float("-inf")
         if plan.penalized:
-            _apply_penalties(x, rows, plan.penalized)
+            apply_penalties(x, rows, plan.penalized)
 
     def _draw(self, scaled: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
         """One token per row from softmax(scaled) truncated by top-k / top-p / min-p."""
@@ -310,7 +238,7 @@ class Sampler:
         vocab = scaled.shape[1]
         probs = torch.softmax(scaled, dim=-1)
         u = seeded_uniform(
-            long_tensor([_as_int64(int(r.seed)) for r in rows], device),
+            long_tensor([as_int64(int(r.seed)) for r in rows], device),
             long_tensor([len(r.output_ids) for r in rows], device),
         )
         params = [r.sampling_params for r in rows]
@@ -321,99 +249,3 @@ class Sampler:
             [float(sp.top_p) for sp in params],
             [float(sp.min_p) for sp in params],
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _token_positions(
-    x: torch.Tensor, row_numbers: list[int], id_lists: list[list[int]]
-) -> torch.Tensor:
-    """Flat positions row * vocab + token in x for every listed token, out-of-vocab ids dropped."""
-    vocab = x.shape[1]
-    device = x.device
-    lengths = long_tensor([len(ids) for ids in id_lists], device)
-    owner = torch.repeat_interleave(long_tensor(row_numbers, device), lengths)
-    tokens = long_tensor([t for ids in id_lists for t in ids], device)
-    ok = (tokens >= 0) & (tokens < vocab)
-    return (owner * vocab + tokens)[ok]
-
-
-def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplerRow], penalized: list[int]) -> None:
-    """HF repetition penalty over prompt + output, then OpenAI frequency and presence penalties.
-
-    Only the logits of tokens that occur are read and written, so the cost follows the context
-    length rather than batch x vocabulary. A token listed twice is read and written twice with
-    the same value, which is cheaper than deduplicating (torch.unique sorts).
-    """
-    device = x.device
-    vocab = x.shape[1]
-    flat = x.view(-1)
-
-    rep = [i for i in penalized if rows[i].sampling_params.repetition_penalty != 1.0]
-    if rep:
-        pos = _token_positions(x, rep, [rows[i].input_ids + rows[i].output_ids for i in rep])
-        factor = _per_row(x, rep, [rows[i].sampling_params.repetition_penalty for i in rep])[pos // vocab]
-        vals = flat[pos]
-        flat[pos] = torch.where(vals < 0, vals * factor, vals / factor)
-
-    occ = [
-        i
-        for i in penalized
-        if rows[i].sampling_params.frequency_penalty != 0.0 or rows[i].sampling_params.presence_penalty != 0.0
-    ]
-    if occ:
-        pos = _token_positions(x, occ, [rows[i].output_ids for i in occ])
-        ones = torch.ones(pos.shape[0], dtype=torch.float32, device=device)
-        counts = torch.zeros_like(flat).index_put_((pos,), ones, accumulate=True)
-        owner = pos // vocab
-        freq = _per_row(x, occ, [rows[i].sampling_params.frequency_penalty for i in occ])[owner]
-        presence = _per_row(x, occ, [rows[i].sampling_params.presence_penalty for i in occ])[owner]
-        # Two separate subtractions, as the semantics are written, so fp32 rounding matches a
-        # reference that applies them one after the other.
-        vals = flat[pos] - freq * counts[pos]
-        flat[pos] = vals - presence
-
-
-def _per_row(x: torch.Tensor, row_numbers: list[int], values: list[float]) -> torch.Tensor:
-    """A [rows of x] fp32 vector holding values at row_numbers (zero elsewhere, never read)."""
-    out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    out[long_tensor(row_numbers, x.device)] = torch.tensor(values, dtype=torch.float32, device=x.device)
-    return out
-
-
-def _entries(
-    lsm: torch.Tensor,
-    chosen_ids: torch.Tensor,
-    top_nums: list[int],
-    id_lists: list[list[int] | None],
-) -> tuple[list[float], list[LogprobList], list[LogprobList]]:
-    """Chosen logprob, top-k (logprob, id) and requested-id (logprob, id) entries of each row."""
-    n, vocab = lsm.shape
-    device = lsm.device
-    chosen = lsm.gather(1, chosen_ids.view(-1, 1)).squeeze(1).tolist()
-
-    tops: list[LogprobList] = [[] for _ in range(n)]
-    k_max = min(vocab, max(top_nums, default=0))
-    if k_max > 0:
-        with_top = [i for i in range(n) if top_nums[i] > 0]
-        t = row_index(with_top, n, device)
-        vals, ids = torch.topk(take_rows(lsm, t), k_max, dim=-1)
-        vals_l, ids_l = vals.tolist(), ids.tolist()
-        for j, i in enumerate(with_top):
-            k = min(top_nums[i], vocab)
-            tops[i] = list(zip(vals_l[j][:k], ids_l[j][:k]))
-
-    by_id: list[LogprobList] = [[] for _ in range(n)]
-    flat_rows = [i for i, ids in enumerate(id_lists) if ids for _ in ids]
-    if flat_rows:
-        flat_ids = [t for ids in id_lists if ids for t in ids]
-        vals_l = lsm[long_tensor(flat_rows, device), long_tensor(flat_ids, device)].tolist()
-        pos = 0
-        for i, ids in enumerate(id_lists):
-            if ids:
-                by_id[i] = list(zip(vals_l[pos : pos + len(ids)], ids))
-                pos += len(ids)
-    return chosen, tops, by_id

@@ -9,6 +9,11 @@ from typing import Any
 import msgspec
 
 GREEDY_TEMPERATURE = 1e-6
+# The sampler edits fp32 logits (bias, then the repetition penalty divides, then the temperature divides):
+# past these bounds a logit overflows to inf and softmax gives NaN, which used to kill the scheduler.
+# With them: |bias| / MIN_REPETITION_PENALTY / GREEDY_TEMPERATURE = 1e32, inside fp32's 3.4e38.
+MIN_REPETITION_PENALTY = 1e-6
+MAX_LOGIT_BIAS = 1e20
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -84,6 +89,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError(
                 f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {self.repetition_penalty}."
             )
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY:g} (a smaller one "
+                             f"overflows the logits), got {self.repetition_penalty}.")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
         if not (0 <= self.min_new_tokens <= self.max_new_tokens):
@@ -103,6 +111,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         for b in self.logit_bias.values():
             if not math.isfinite(b):
                 raise ValueError(f"logit_bias values must be finite, got {b}.")
+            if abs(b) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (a larger "
+                                 f"one overflows the logits), got {b}.")
         if vocab_size is not None:
             # A stop token id outside the vocabulary is accepted and never matches (SGLang accepts it too,
             # and model-agnostic clients send one list to every model).

@@ -194,6 +194,12 @@ def test_full_queue_is_429_with_retry_after(server):
         message = error_of(resp, 429)
         assert resp.headers["Retry-After"] == "1"
         assert "--max-queued-requests" in message
+        # The OpenAI routes answer the same 429 in OpenAI's error shape (it was a 500 there).
+        resp = server.post("/v1/completions", json={"prompt": [[5, 6]] * (MAX_QUEUED // 2), "max_tokens": 1})
+        assert resp.status_code == 429 and resp.headers["Retry-After"] == "1", (resp.status_code, resp.text[:500])
+        error = resp.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == 429, error
+        assert "--max-queued-requests" in error["message"], error
         # One call bigger than the whole queue can never fit: a 400, not a 429 to retry forever.
         message = error_of(server.post("/generate", json={"input_ids": [[1, 2]] * 5, "sampling_params": {
             "n": MAX_N, "max_new_tokens": 1}}), 400)

@@ -16,6 +16,9 @@ from rollout.server.openai_schemas import ChatCompletionRequest, OpenAIBadReques
 from rollout.server.schemas import short
 
 
+_RESERVED_KWARGS = {"tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask"}
+
+
 def _text_content(i: int, content: Any) -> Any:
     """OpenAI's content parts as one string (the templates of text models expect a string)."""
     if content is None or isinstance(content, str):
@@ -63,18 +66,27 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Any, *, add_genera
     if continue_final_message and add_generation_prompt:
         add_generation_prompt = False  # continuing the last (assistant) message opens no new one
     kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
+    # These change what apply_chat_template returns (ids, a dict, tensors) instead of the template's variables.
+    reserved = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if reserved:
+        raise OpenAIBadRequest(f"chat_template_kwargs cannot set {reserved} (the server renders the chat to text "
+                               f"itself), got {short(chat_template_kwargs)}.", "chat_template_kwargs")
     if tools:
         kwargs["tools"] = tools
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, **kwargs)
     except Exception as e:  # the template's own checks (roles must alternate, ...): the client's input
         raise OpenAIBadRequest(f"The chat template failed on these messages: {type(e).__name__}: {e}",
                                "messages") from None
+    if not isinstance(text, str):
+        raise OpenAIBadRequest(f"The chat template rendered {type(text).__name__}, not text; check "
+                               f"chat_template_kwargs={short(chat_template_kwargs)}.", "chat_template_kwargs")
+    return text
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> list[int]:
-    text = render_chat(tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
+def chat_prompt_text(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> str:
+    """The prompt of a chat request as text, to be tokenized without special tokens (the template wrote them)."""
+    return render_chat(tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
                        continue_final_message=req.continue_final_message, tools=req.tools,
                        chat_template_kwargs=req.chat_template_kwargs)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

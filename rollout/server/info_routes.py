@@ -49,7 +49,8 @@ def add_info_routes(app: FastAPI, engine_client: EngineClient, version: str) -> 
         if fmt not in ("json", "prometheus"):
             raise BadRequest(f"format must be 'json' or 'prometheus', got {short(fmt)}.")
         dp_rank = query.get("dp_rank")
-        if dp_rank is not None and not dp_rank.lstrip("-").isdigit():
+        # isdigit() also holds for superscripts and other digits int() refuses: parse, don't classify.
+        if dp_rank is not None and not (dp_rank.isascii() and dp_rank.lstrip("-").isdigit()):
             raise BadRequest(f"dp_rank must be an integer, got {short(dp_rank)}.")
         state = await live_state()
         loads = [] if dp_rank is not None and int(dp_rank) != 0 else [_loads_entry(state, include)]

@@ -19,14 +19,17 @@ import numpy as np
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
-from rollout.server.chat_template import chat_prompt_ids
-from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall
+from rollout.server.chat_template import chat_prompt_text
+from rollout.server.engine_client import ClientDisconnected, EngineClient, EngineUnavailable, GenerateCall, QueueFull
+from rollout.server.limits import RETRY_AFTER_S
 from rollout.server.openai_render import OpenAIRender
 from rollout.server.openai_schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                           OpenAIBadRequest, chat_logprobs, chat_max_tokens, completion_logprobs,
-                                           parse_request, prompts, response_format_schema, sampling_params)
+                                           OpenAIBadRequest, chat_logprobs, chat_max_tokens, check_prompt_ids,
+                                           completion_logprobs, parse_request, prompts, response_format_schema,
+                                           sampling_params)
 from rollout.server.responses import OPENAI_ERROR_TYPES, encode_json, json_response, openai_error, watched
 from rollout.server.schemas import BadRequest, parse_json_body
+from rollout.server.text_codec import total_chars
 from runtime.generate_input import GenerateInput
 from runtime.scoring_input import NEEDS_EMBEDDING, NEEDS_GENERATION, model_limits, normalize_embed
 from runtime.scoring_output import ScoringAborted
@@ -40,7 +43,7 @@ _PROMPT_WORDS = ("input_ids", "The")  # "The input (N tokens) is longer than ...
 
 def _param_of(message: str, prompt_param: str | None = None) -> str | None:
     """The request field a check's message is about (None when it names none)."""
-    first = message.split(" ", 1)[0].split("=", 1)[0].rstrip(":,.")
+    first = message.split(" ", 1)[0].split("=", 1)[0].split("[", 1)[0].rstrip(":,.")
     if first in _PROMPT_WORDS:
         return prompt_param
     return _PARAM_NAMES.get(first, first if first.isidentifier() and first.islower() else None)
@@ -58,7 +61,11 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
         except BadRequest as e:
             return openai_error(str(e), 400, _param_of(str(e)))
         except EngineUnavailable as e:
-            return openai_error(str(e), 503)
+            return openai_error(str(e), e.status)
+        except QueueFull as e:  # --max-queued-requests: retry later (the openai client honours Retry-After)
+            response = openai_error(str(e), 429)
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
         except Exception as e:  # our bug: logged, and still OpenAI's shape
             logger.exception("Internal error on %s", request.url.path)
             return openai_error(f"Internal server error: {type(e).__name__}: {e}", 500)
@@ -98,9 +105,12 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
                   req: CompletionRequest | ChatCompletionRequest, start: float) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
-            norm = engine_client.normalize(inp)
+            norm = await engine_client.normalize_async(inp)  # big prompts tokenized off the event loop
         except ValueError as e:  # runtime/generate_input.py's checks
-            raise OpenAIBadRequest(str(e), _param_of(str(e), "messages" if render.chat else "prompt")) from None
+            message = str(e)
+            if message.startswith("text"):  # /generate's name for a completion's text prompt
+                message = "prompt" + message[len("text"):]
+            raise OpenAIBadRequest(message, _param_of(message, "messages" if render.chat else "prompt")) from None
         try:
             call = engine_client.submit(norm, False, inp.stream, start)
         except ValueError as e:  # an rid already in flight
@@ -142,7 +152,9 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         top = completion_logprobs(req)
         texts, ids = prompts(req)
         count = len(texts if texts is not None else ids)
-        sp = sampling_params(req, req.max_tokens, engine_client.info.context_len, count)
+        if ids is not None:
+            check_prompt_ids(ids, engine_client.info.vocab_size)
+        sp = sampling_params(req, req.max_tokens, engine_client.info.context_len, count, engine_client.args.max_n)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         inp = GenerateInput(text=(texts if count > 1 else texts[0]) if texts is not None else None,
                             input_ids=(ids if count > 1 else ids[0]) if ids is not None else None,
@@ -150,7 +162,7 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
                             top_logprobs_num=top or 0, stream=req.stream)
         echo = None
         if req.echo:
-            echo = texts if texts is not None else [tok.decode(p) for p in ids]
+            echo = texts if texts is not None else await engine_client.codec.decode_many(ids, False)
         render = render_for(req, tok, chat=False, response_id=response_id, top=top, echo=echo)
         return await run(request, inp, render, req, start)
 
@@ -161,7 +173,7 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         tok = tokenizer()
         req: ChatCompletionRequest = parse_request(parse_json_body(await request.body()), ChatCompletionRequest)
         top = chat_logprobs(req)
-        sp = sampling_params(req, chat_max_tokens(req), engine_client.info.context_len, 1)
+        sp = sampling_params(req, chat_max_tokens(req), engine_client.info.context_len, 1, engine_client.args.max_n)
         schema = response_format_schema(req)
         if schema is not None:
             if req.json_schema is not None or req.regex is not None or req.ebnf is not None:
@@ -169,7 +181,8 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
                                        "send one.", "response_format")
             sp["json_schema"] = schema
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        inp = GenerateInput(input_ids=chat_prompt_ids(tok, req), sampling_params=sp, rid=req.rid or response_id,
+        ids = (await engine_client.codec.encode_many([chat_prompt_text(tok, req)], add_special_tokens=False))[0]
+        inp = GenerateInput(input_ids=ids, sampling_params=sp, rid=req.rid or response_id,
                             return_logprob=top is not None, top_logprobs_num=top or 0, stream=req.stream)
         render = render_for(req, tok, chat=True, response_id=response_id, top=top)
         return await run(request, inp, render, req, start)
@@ -189,10 +202,14 @@ def add_openai_routes(app: FastAPI, engine_client: EngineClient) -> None:
         is_flat_ids = isinstance(inp, list) and bool(inp) and isinstance(inp[0], int)
         limits = model_limits(engine_client.hf_config, True, engine_client.info.vocab_size,
                               engine_client.info.context_len)
+        texts = [inp] if isinstance(inp, str) else inp if is_text else None
+        checked = (texts, None if is_text else [inp] if is_flat_ids else inp, req.rid or f"embd-{uuid.uuid4().hex}",
+                   engine_client.tokenizer, limits)
         try:
-            norm = normalize_embed([inp] if isinstance(inp, str) else inp if is_text else None,
-                                   None if is_text else [inp] if is_flat_ids else inp,
-                                   req.rid or f"embd-{uuid.uuid4().hex}", engine_client.tokenizer, limits)
+            if engine_client.codec is None:
+                norm = normalize_embed(*checked)
+            else:  # big texts are tokenized on the codec's threads, off the event loop
+                norm = await engine_client.codec.run(total_chars(texts), normalize_embed, *checked)
         except ValueError as e:
             raise OpenAIBadRequest(str(e).replace("input_ids", "input").replace("text", "input"), "input") from None
         collectors = norm.collectors(start)

@@ -119,7 +119,11 @@ def parse_request(body: dict[str, Any], cls: type[msgspec.Struct]) -> Any:
             continue
         raise OpenAIBadRequest(f"Unknown field in the request body: {key}={short(value)}.", key)
     fields = {k: v for k, v in body.items() if k in known}
-    check_ints("request", fields)
+    for key, value in fields.items():
+        try:
+            check_ints(key, value)
+        except BadRequest as e:
+            raise OpenAIBadRequest(str(e), key) from None
     try:
         return msgspec.convert(fields, cls)
     except msgspec.ValidationError as e:
@@ -132,6 +136,17 @@ def parse_request(body: dict[str, Any], cls: type[msgspec.Struct]) -> Any:
 def _check_range(name: str, value: int | None, low: int, high: int) -> None:
     if value is not None and not low <= value <= high:
         raise OpenAIBadRequest(f"{name} must be in [{low}, {high}], got {value}.", name)
+
+
+def check_prompt_ids(ids: list[list[int]], vocab_size: int) -> None:
+    """Token-id prompts are checked before anything decodes them (echo): the tokenizer's decode raises on
+    ids it cannot hold (negative, past 32 bits)."""
+    for i, p in enumerate(ids):
+        for t in p:
+            if not 0 <= t < vocab_size:
+                where = f"prompt[{i}]" if len(ids) > 1 else "prompt"
+                raise OpenAIBadRequest(f"{where} contains token id {t}, outside the vocabulary [0, {vocab_size}).",
+                                       "prompt")
 
 
 def prompts(req: CompletionRequest) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -150,12 +165,16 @@ def prompts(req: CompletionRequest) -> tuple[list[str] | None, list[list[int]] |
                            f"lists (none empty), got {short(p)}.", "prompt")
 
 
-def sampling_params(req: _SamplingFields, max_tokens: int | None, context_len: int, num_prompts: int) -> dict:
-    """/generate's sampling_params for an OpenAI request (None max_tokens: up to the context)."""
+def sampling_params(req: _SamplingFields, max_tokens: int | None, context_len: int, num_prompts: int,
+                    max_n: int | None = None) -> dict:
+    """/generate's sampling_params for an OpenAI request (None max_tokens: up to the context; `max_n`: the
+    server's --max-n, as /generate's)."""
     if max_tokens is not None and max_tokens < 1:
         raise OpenAIBadRequest(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
     if req.n < 1:
         raise OpenAIBadRequest(f"n must be at least 1, got {req.n}.", "n")
+    if max_n is not None and req.n > max_n:
+        raise OpenAIBadRequest(f"n must be at most {max_n} (--max-n), got {req.n}.", "n")
     if req.n * num_prompts > MAX_SAMPLES_PER_CALL:
         raise OpenAIBadRequest(f"n={req.n} over {num_prompts} prompts asks for {req.n * num_prompts} samples; at "
                                f"most {MAX_SAMPLES_PER_CALL} per call.", "n")

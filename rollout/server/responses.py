@@ -32,7 +32,7 @@ def error_response(message: str, status_code: int) -> Response:
 
 
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      500: "internal_server_error", 503: "service_unavailable_error"}
+                      429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable_error"}
 
 
 def openai_error(message: str, status_code: int, param: str | None = None) -> Response:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from rollout.server.chat_template import render_chat
 from rollout.server.engine_client import EngineClient
+from rollout.server.openai_schemas import OpenAIBadRequest
 from rollout.server.responses import json_response, openai_error
 from rollout.server.schemas import BadRequest, parse_detokenize, parse_json_body, parse_tokenize, short
 
@@ -24,6 +25,12 @@ PROMPT_FIELDS = {"prompt", "add_special_tokens", "return_token_strs", "model"}
 CHAT_FIELDS = {"messages", "add_generation_prompt", "continue_final_message", "add_special_tokens", "tools",
                "chat_template_kwargs", "return_token_strs", "model"}
 DETOKENIZE_FIELDS = {"tokens", "skip_special_tokens", "model"}
+
+
+def _param(e: BadRequest) -> str | None:
+    """OpenAI's `param` of an error: the field its message starts with (the parsers name the field first)."""
+    first = str(e).split(" ", 1)[0]
+    return getattr(e, "param", None) or (first if first in PROMPT_FIELDS | CHAT_FIELDS | DETOKENIZE_FIELDS else None)
 
 
 def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
@@ -38,7 +45,7 @@ def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
 def _check_fields(body: dict[str, Any], known: set[str], route: str) -> None:
     for key in body:
         if key not in known:
-            raise BadRequest(f"Unknown field in the {route} body: {key}={short(body[key])}.")
+            raise OpenAIBadRequest(f"Unknown field in the {route} body: {key}={short(body[key])}.", key)
 
 
 def render_body_chat(tokenizer: Any, body: dict[str, Any]) -> str:
@@ -64,10 +71,11 @@ def add_tokenize_routes(app: FastAPI, engine_client: EngineClient) -> None:
             raise BadRequest("This route needs the tokenizer, but the server runs with --skip-tokenizer-init.")
         return engine_client.tokenizer
 
-    def tokenize_body(body: dict[str, Any]) -> dict[str, Any]:
+    async def tokenize_body(body: dict[str, Any]) -> dict[str, Any]:
         tok = tokenizer()
         if ("messages" in body) == ("prompt" in body):
-            raise BadRequest("Send exactly one of 'prompt' (text) and 'messages' (a chat).")
+            raise OpenAIBadRequest("The body must hold exactly one of 'prompt' (text) and 'messages' (a chat), got "
+                                   f"fields {short(sorted(body))}.", "prompt")
         if "messages" in body:
             _check_fields(body, CHAT_FIELDS, "/v1/tokenize")
             texts: Any = render_body_chat(tok, body)
@@ -76,32 +84,34 @@ def add_tokenize_routes(app: FastAPI, engine_client: EngineClient) -> None:
             _check_fields(body, PROMPT_FIELDS, "/v1/tokenize")
             texts, add_special = parse_tokenize(body)
         batch = isinstance(texts, list)
-        ids = [tok(t, add_special_tokens=add_special)["input_ids"] for t in (texts if batch else [texts])]
+        return_strs = _bool(body, "return_token_strs", False)
+        # Big texts are tokenized off the event loop (rollout/server/text_codec.py), as /tokenize's.
+        ids = await engine_client.codec.encode_many(texts if batch else [texts], add_special)
         answer: dict[str, Any] = {"tokens": ids if batch else ids[0],
                                   "count": [len(t) for t in ids] if batch else len(ids[0]),
                                   "max_model_len": engine_client.info.context_len}
-        if _bool(body, "return_token_strs", False):
+        if return_strs:
             strs = [tok.convert_ids_to_tokens(t) for t in ids]
             answer["token_strs"] = strs if batch else strs[0]
         return answer
 
     async def v1_tokenize(request: Request) -> Response:
         try:
-            return json_response(tokenize_body(parse_json_body(await request.body())))
+            return json_response(await tokenize_body(parse_json_body(await request.body())))
         except BadRequest as e:
-            return openai_error(str(e), 400, getattr(e, "param", None))
+            return openai_error(str(e), 400, _param(e))
 
     async def v1_detokenize(request: Request) -> Response:
         try:
             body = parse_json_body(await request.body())
             _check_fields(body, DETOKENIZE_FIELDS, "/v1/detokenize")
-            tok = tokenizer()
+            tokenizer()
             tokens, skip = parse_detokenize(body, engine_client.info.vocab_size)
         except BadRequest as e:
-            return openai_error(str(e), 400, getattr(e, "param", None))
-        if tokens and isinstance(tokens[0], list):
-            return json_response({"text": [tok.decode(t, skip_special_tokens=skip) for t in tokens]})
-        return json_response({"text": tok.decode(tokens, skip_special_tokens=skip)})
+            return openai_error(str(e), 400, _param(e))
+        batch = bool(tokens) and isinstance(tokens[0], list)
+        text = await engine_client.codec.decode_many(tokens if batch else [tokens], skip)  # off the loop when big
+        return json_response({"text": text if batch else text[0]})
 
     app.add_api_route("/v1/tokenize", v1_tokenize, methods=["POST"])
     app.add_api_route("/v1/detokenize", v1_detokenize, methods=["POST"])

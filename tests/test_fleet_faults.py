@@ -3,7 +3,8 @@ when its node goes), not only the server. On a local Ray cluster with two single
 random Llama behind sglang-router: the rollout running across it loses no prompt (each request lost with the
 server is resent once, by the client), the fleet notices within seconds, takes the server out of the router,
 leaves no orphan server behind, starts a replacement (a new actor, so maybe a new address, which the
-trainer's very client object follows) that joins the next broadcast; shutdown leaves no process behind.
+trainer's very client object follows) that joins the next broadcast; an actor ended by ray.kill is replaced
+from the checkpoint the trainer saved; shutdown leaves no process behind.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def test_a_server_dies_with_the_process_that_spawned_it(tmp_path) -> None:
 ray = pytest.importorskip("ray", reason="the fleet needs ray: pip install .[fleet]")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_lost_actor_is_replaced_and_joins_the_next_update(tmp_path_factory: pytest.TempPathFactory) -> None:
     from rollout.client.fleet import Fleet
     from rollout.client.router_admin import listed_workers
@@ -147,6 +149,16 @@ def test_lost_actor_is_replaced_and_joins_the_next_update(tmp_path_factory: pyte
         want = hf_greedy(dirs[1], ids, 8)
         assert [requests.post(u + "/generate", json={"input_ids": ids, "sampling_params": GREEDY}, timeout=60)
                 .json()["output_ids"] for u in fleet.workers] == [want, want]
+        assert [g[0].output_ids for g in client.generate([ids] * 4, GREEDY)] == [want] * 4
+
+        # ray.kill, the other way an actor goes: the replacement loads the checkpoint the trainer saved.
+        fleet.set_checkpoint(dirs[1], "v1")
+        server_family = family(fleet.server_pids()[0])
+        ray.kill(fleet.actors[0])
+        assert wait_gone(server_family, 10) == []
+        fleet.wait_for("replaced", count=2, timeout=120)
+        pids += [ray.get(fleet.actors[0].actor_pid.remote(), timeout=30), *family(fleet.server_pids()[0])]
+        assert client.urls == fleet.workers and fleet.check_versions("v1")
         assert [g[0].output_ids for g in client.generate([ids] * 4, GREEDY)] == [want] * 4
     finally:
         fleet.shutdown()

@@ -14,6 +14,11 @@ control call (weight updates, pause / continue, flush, abort, info) goes to each
 
     client = AsyncRolloutClient("http://router:30000", workers=["http://w1:30000", "http://w2:30000"])
     client = AsyncRolloutClient.from_router("http://router:30000")   # workers read from GET /workers
+
+A server that dies mid-request: each generate / score request it held is resent once, at most, to another
+server (or through the router, with RetryPolicy.retry_server_error), so it may run twice on the servers but
+its answer reaches the caller once; lost a second time, it reaches the caller as the error (RetryPolicy).
+`resends` counts them.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class AsyncRolloutClient(WeightUpdateMixin):
         self.timeout = timeout
         self.retry = retry
         self.progress_min = progress_min
+        self.resends = 0  # requests resent after their server was lost mid-request (RetryPolicy: once each)
         # Threads do the blocking HTTP; control calls get headroom beyond the generation limit.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_concurrency + 4 * (len(self.servers) + len(self.routers)) + 8, thread_name_prefix="rollout-client")
@@ -92,6 +98,19 @@ class AsyncRolloutClient(WeightUpdateMixin):
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
+    def replace_worker(self, old_url: str, new_url: str) -> None:
+        """A server that took the place of `old_url` (a fleet replaced a lost one elsewhere): later control
+        calls, and without a router generation too, go to `new_url`. Requests in flight are not touched."""
+        old_url, new_url = old_url.rstrip("/"), new_url.rstrip("/")
+        index = self.urls.index(old_url)  # ValueError naming old_url if the client has no such server
+        old = self.servers[index]
+        new = ServerConnection(new_url, api_key=old.api_key, pool_size=old.pool_size,
+                               connect_timeout=old.connect_timeout)
+        self.servers = self.servers[:index] + [new] + self.servers[index + 1:]  # one assignment: no torn list
+        if not self.routers:
+            self.balancer.replace(old, new)
+        old.close()
+
     # --- plumbing -------------------------------------------------------------------------------
 
     def _semaphore(self) -> asyncio.Semaphore:
@@ -123,7 +142,8 @@ class AsyncRolloutClient(WeightUpdateMixin):
     async def _balanced(self, path: str, body: dict[str, Any], weight: int,
                         timeout: float | None | str) -> tuple[ServerConnection, Any]:
         """One idempotent call on the least loaded server; a refused connection or a 503 is retried with
-        backoff, on another server when there is one."""
+        backoff, on another server when there is one. A request that may have run (its connection dropped
+        mid-request; a router's 5xx with retry_server_error) is resent once at most (RetryPolicy)."""
         failed: ServerConnection | None = None
         attempt = 0
         resent = False
@@ -131,9 +151,14 @@ class AsyncRolloutClient(WeightUpdateMixin):
             server = self.balancer.acquire(weight, avoid=failed)
             try:
                 return server, await self._call(server, "POST", path, body, timeout=timeout)
-            except (ConnectionFailedError, ServiceUnavailableError):
+            except (ConnectionFailedError, ServiceUnavailableError) as e:
                 server.mark_down(DOWN_S)
-                if attempt >= self.retry.retries:
+                if isinstance(e, ConnectionFailedError) and e.sent:  # it may have run: resent once at most
+                    if resent or self.retry.retries == 0:
+                        raise
+                    resent = True
+                    self.resends += 1
+                elif attempt >= self.retry.retries:  # it never ran
                     raise
                 failed = server if len(self.balancer.servers) > 1 else None
             except ServerError as e:
@@ -141,6 +166,7 @@ class AsyncRolloutClient(WeightUpdateMixin):
                 if not self.retry.retry_server_error or resent or e.status < 500:
                     raise
                 resent = True
+                self.resends += 1
                 failed = None
             finally:
                 server.release(weight)

@@ -30,3 +30,8 @@ class Balancer:
             best = min(rotated, key=lambda s: s.outstanding)
             best.acquire(weight)
             return best
+
+    def replace(self, old: ServerConnection, new: ServerConnection) -> None:
+        """`new` takes `old`'s place (a server replaced at another address)."""
+        with self._lock:
+            self.servers = [new if s is old else s for s in self.servers]

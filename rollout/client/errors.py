@@ -48,10 +48,14 @@ class RequestTimeoutError(RolloutError):
 
 
 class ConnectionFailedError(RolloutError):
-    def __init__(self, url: str, attempts: int, cause: BaseException):
-        super().__init__(f"Could not reach {url} after {attempts} attempt(s): {cause}")
+    def __init__(self, url: str, attempts: int, cause: BaseException, sent: bool = False):
+        """`sent`: the connection dropped after the request went out, so the server may have run it (it died
+        mid-request); False when no connection was made (refused, connect timeout): it never ran."""
+        what = "Lost the connection to" if sent else "Could not reach"
+        super().__init__(f"{what} {url} after {attempts} attempt(s): {cause}")
         self.url = url
         self.attempts = attempts
+        self.sent = sent
 
 
 class WeightUpdateError(RolloutError):

@@ -10,16 +10,19 @@ sglang-router in front of them, a monitor that replaces a server that died. Need
     fleet.check_versions("v1")
     fleet.shutdown()
 
-A replacement server keeps the dead server's URL (its actor restarts it on the same port), so the router
-and `fleet.client` need no new list. It loads the latest checkpoint the fleet knows (`set_checkpoint`;
-at first the launch model) and does not hold the broadcast weights of later updates: create the weight
-update group for each update (as above), so the next update includes it and brings it up to date. A group
-kept across a death fails on its next broadcast (the dead rank is gone): destroy it and create a new one.
-Generation requests in flight on the dead server: sglang-router retries them on other workers itself
-(--retry-max-retries, 5 by default; measured: a SIGKILL with 18 requests running on the server reached the
-client as no error at all). A 5xx that still reaches the client (the router's retries spent) is resent once
-by the client (RetryPolicy.retry_server_error, on by default here), at most once: a request may so run twice
-on the servers, its answer reaches the caller once.
+A server whose process died is restarted by its actor on the same port, so its URL stays. A lost actor (its
+process killed, its node gone) took its server with it (ServerActor); a new actor takes its placement-group
+bundle, at a new port (or node): the fleet swaps the URL in the router and, in place, in `fleet.client`
+(`replace_worker`), so the client object a trainer holds stays valid. A replacement loads the latest
+checkpoint the fleet knows (`set_checkpoint`; at first the launch model) and does not hold the broadcast
+weights of later updates: create the weight update group for each update (as above), so the next update
+includes it and brings it up to date. A group kept across a death fails on its next broadcast (the dead
+rank is gone): destroy it and create a new one.
+Generation requests in flight on a server that died: the router the fleet starts resends nothing itself
+(ROUTER_FLAGS) and answers them with a 5xx; the client resends each once through the router to a live
+worker (RetryPolicy.retry_server_error, on by default here). At most once: a request may so run twice on
+the servers, its answer reaches the caller once, and a request lost twice reaches the caller as that 5xx
+(ServerError). `fleet.client.resends` counts the resends. A router given by URL keeps its own retries.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from rollout.client.router_admin import add_worker, remove_worker
 from rollout.client.server_actor import ServerActor
 
 HEALTH_FAILURES = 3  # consecutive failed /health polls (process still up) before a server counts as dead
+# The router resends nothing itself (the client resends a lost request once: RetryPolicy), and one failure
+# (a worker gone mid-request) keeps it off that worker for a moment, so that resend lands on a live one
+# before the monitor has taken the dead one out.
+ROUTER_FLAGS = ("--disable-retries", "--cb-failure-threshold", "1", "--cb-timeout-duration-secs", "2")
 
 
 @dataclass
@@ -113,7 +120,7 @@ class Fleet:
             actors = [actor_cls.options(**strategy_for(i)).remote() for i in range(num_servers)]
             urls = ray.get([a.start.remote(server_args, timeout) for a in actors], timeout=timeout + 60)
             if router is True:
-                local_router = LocalRouter(urls, policy=policy).start(timeout)
+                local_router = LocalRouter(urls, policy=policy, flags=ROUTER_FLAGS).start(timeout)
                 router_url = local_router.url
             elif isinstance(router, str):
                 router_url = router.rstrip("/")
@@ -216,16 +223,17 @@ class Fleet:
             try:
                 new_url = ray.get(self.actors[slot].start.remote(args), timeout=600)
             except ray.exceptions.RayActorError:
-                # The actor (or its node) is gone: a new one in the same bundle. A different node gives a
-                # different URL, so the client is rebuilt with the new worker list.
+                # The actor (or its node) is gone, its server with it (ServerActor): a new actor in the same
+                # bundle. Killed first, so an actor only unreachable for now frees the bundle too.
+                _kill(self.actors[slot])
                 self.actors[slot] = self._actor_cls.options(**self._strategy_for(slot)).remote()
+                if self._stop.is_set():  # shutdown began meanwhile: it stops the actors it knows
+                    _kill(self.actors[slot])
+                    return
                 new_url = ray.get(self.actors[slot].start.remote(args), timeout=600)
-            if new_url != url:
+            if new_url != url:  # another port (or node): the client's control calls follow it
                 self.urls[slot] = new_url
-                old = self.client
-                self.client = RolloutClient(self.router_url or self.urls, workers=(
-                    self.urls if self.router_url else None), api_key=args.get("api_key"), retry=old.aio.retry)
-                old.close()
+                self.client.replace_worker(url, new_url)
             if self.router_url:
                 add_worker(self.router_url, new_url, api_key=args.get("api_key"))
             self._failures[slot] = 0
@@ -269,9 +277,20 @@ class Fleet:
 
 def _stop_actors(actors: list[Any]) -> None:
     import ray
-    try:
-        ray.get([a.stop.remote() for a in actors], timeout=60)
-    except Exception:
-        pass
+    stops = [a.stop.remote() for a in actors]
+    deadline = time.monotonic() + 60
+    for ref in stops:  # one by one: a lost actor's error does not cut the wait for the others short
+        try:
+            ray.get(ref, timeout=max(deadline - time.monotonic(), 1.0))
+        except Exception:
+            pass
     for a in actors:
-        ray.kill(a)
+        _kill(a)
+
+
+def _kill(actor: Any) -> None:
+    import ray
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass

@@ -43,15 +43,16 @@ class LocalServer(ManagedProcess):
 
     def __init__(self, model_path: str | None = None, *, host: str = "127.0.0.1", port: int | None = None,
                  log_path: str | None = None, env: dict[str, str] | None = None, flags: list[str] = (),
-                 **server_args: Any):
-        """`flags`: raw CLI flags added after those made from `model_path` and `server_args`."""
+                 die_with_parent: bool = False, **server_args: Any):
+        """`flags`: raw CLI flags added after those made from `model_path` and `server_args`;
+        `die_with_parent`: see ManagedProcess."""
         self.host = host
         self.port = port or free_port()
         self.api_key: str | None = server_args.get("api_key")
         args = [sys.executable, "-m", "rollout.launch_server", "--host", host, "--port", str(self.port),
                 *server_flags(model_path=model_path, **server_args), *flags]
         super().__init__(args, url=f"http://{host}:{self.port}", log_path=log_path, log_prefix="rollout-server-",
-                         env=env)
+                         env=env, die_with_parent=die_with_parent)
 
     def is_ready(self) -> bool:
         """/health answers 200 once the model is loaded."""

@@ -5,15 +5,34 @@ means (`is_ready`), what it is called in errors (`name`) and how long it may tak
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Self, Sequence
+from typing import IO, Any, Callable, Self, Sequence
 
 import requests
+
+
+def die_with_parent_hook(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A Popen preexec_fn: Linux sends the child `sig` when its parent dies, even by SIGKILL (a Ray actor
+    lost with its node's worker), so no orphan keeps serving. Linux counts the *thread* that forked as the
+    parent: spawn from a thread that lives as long as the process. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # looked up before the fork: the child only calls it
+    parent = os.getpid()
+
+    def hook() -> None:
+        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the wish was made
+            os._exit(1)
+
+    return hook
 
 
 class ManagedProcess:
@@ -22,9 +41,11 @@ class ManagedProcess:
     stop_timeout = 60.0  # seconds between the signal and SIGKILL
 
     def __init__(self, args: Sequence[str], *, url: str, log_path: str | None = None, log_prefix: str = "process-",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, die_with_parent: bool = False):
         """`url`: where it answers once ready. `log_path` None: a temporary log, removed once the process
-        exits with code 0."""
+        exits with code 0. `die_with_parent`: killed when the process (thread) that spawned it dies
+        (die_with_parent_hook)."""
+        self.die_with_parent = die_with_parent
         self.args = list(args)
         self.url = url
         self._own_log = log_path is None
@@ -47,7 +68,8 @@ class ManagedProcess:
         """Start the process without waiting (start several, then `wait_until_ready` each)."""
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ if self.env is None else self.env))
+                                     env=dict(os.environ if self.env is None else self.env),
+                                     preexec_fn=die_with_parent_hook() if self.die_with_parent else None)
         return self
 
     def start(self, timeout: float | None = None) -> Self:

@@ -51,6 +51,15 @@ class RolloutClient:
     def router_urls(self) -> list[str]:
         return self.aio.router_urls
 
+    @property
+    def resends(self) -> int:
+        """Requests resent after their server was lost mid-request (at most once each; RetryPolicy)."""
+        return self.aio.resends
+
+    def replace_worker(self, old_url: str, new_url: str) -> None:
+        """See AsyncRolloutClient.replace_worker."""
+        self.aio.replace_worker(old_url, new_url)
+
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self.aio.close())

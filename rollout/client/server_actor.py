@@ -3,11 +3,13 @@
 Plain Python: `rollout.client.fleet` wraps it with `ray.remote` when it places servers, so importing this
 module never imports ray. The actor starts `python -m rollout.launch_server` as a subprocess (LocalServer)
 on the node it was placed on, and can restart it on the same port, so a replacement keeps the URL that the
-router and the trainer's client already know.
+router and the trainer's client already know. The server dies with the actor (SIGKILL from Linux when the actor
+process dies, however it dies), so a lost actor leaves no server serving stale weights behind it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import socket
@@ -30,14 +32,23 @@ class ServerActor:
         self.host = host or node_address()
         self.port = port or free_port()
         self.server: LocalServer | None = None
+        # Linux ties the server's death signal to the thread that forked it, and Ray runs actor methods on
+        # pool threads: one thread of our own, alive as long as the actor, forks every server.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="server-spawner")
 
     def start(self, server_args: dict[str, Any], timeout: float = 300.0) -> str:
         """Start (or restart) the server with `server_args` (LocalServer's keywords) and wait until it is
         ready; answers its URL."""
         self.stop(signal.SIGKILL)
         args = dict(server_args)
-        self.server = LocalServer(args.pop("model_path", None), host=self.host, port=self.port, **args)
-        self.server.start(timeout)
+        self.server = LocalServer(args.pop("model_path", None), host=self.host, port=self.port, die_with_parent=True,
+                                  **args)
+        self._spawner.submit(self.server.spawn).result()
+        try:
+            self.server.wait_until_ready(timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
         return self.server.url
 
     def url(self) -> str:

@@ -8,11 +8,21 @@ import time
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from rollout.client.errors import (ConnectionFailedError, RequestTimeoutError, ServiceUnavailableError,
                                    server_error)
 from rollout.client.retry_policy import NO_RETRY, RetryPolicy
+
+
+def _never_sent(e: requests.exceptions.ConnectionError) -> bool:
+    """No connection was made (refused, unreachable, connect timeout): the request never reached a server.
+    Anything else (reset, closed mid-answer) may have come after the server read it."""
+    cause = e.args[0] if e.args else None
+    if isinstance(cause, urllib3.exceptions.MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
 
 
 def _error_message(resp: requests.Response) -> str:
@@ -33,6 +43,8 @@ def _error_message(resp: requests.Response) -> str:
 class ServerConnection:
     def __init__(self, url: str, *, api_key: str | None = None, pool_size: int = 64, connect_timeout: float = 5.0):
         self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)  # urllib3's pool is thread-safe
@@ -71,18 +83,23 @@ class ServerConnection:
         """Send one request; answer the decoded JSON (or text, or None for an empty body).
 
         Raises the typed errors of rollout.client.errors. `retry` decides whether a connection failure or
-        a 503 is tried again; a timeout never is (the caller's time is spent)."""
+        a 503 is tried again (calls given a policy are idempotent); a timeout never is (the caller's time is
+        spent). ConnectionFailedError.sent tells a connection lost after the request went out (the server
+        may have run it) from one never made."""
         attempt = 0
+        sent = False
         while True:
             try:
                 resp = self.session.request(method, self.url + path, json=body, params=params,
                                             timeout=(self.connect_timeout, timeout))
             except requests.exceptions.ConnectTimeout as e:
                 failure: BaseException = e
+                sent = False
             except requests.exceptions.Timeout:
                 raise RequestTimeoutError(self.url + path, timeout) from None
             except requests.exceptions.ConnectionError as e:
                 failure = e
+                sent = not _never_sent(e)
             else:
                 if resp.status_code < 400:
                     return self._decode(resp)
@@ -94,7 +111,7 @@ class ServerConnection:
             if attempt >= retry.retries:
                 if isinstance(failure, ServiceUnavailableError):
                     raise failure
-                raise ConnectionFailedError(self.url + path, attempt + 1, failure) from failure
+                raise ConnectionFailedError(self.url + path, attempt + 1, failure, sent=sent) from failure
             time.sleep(retry.delay(attempt))
             attempt += 1
 

@@ -31,7 +31,9 @@ def main() -> None:
     llm.generate([{"prompt_token_ids": job["workloads"][0]["prompts"][0][:16]}], warm, use_tqdm=False)
     for w in job["workloads"]:
         params = SamplingParams(n=w["n"], temperature=w["temperature"], max_tokens=w["new_tokens"],
-                                min_tokens=w["new_tokens"], ignore_eos=True, logprobs=0, seed=0)
+                                min_tokens=w["new_tokens"], ignore_eos=True, logprobs=0)
+        # No per-request seed: vLLM's CPU sampler then needs a generator offset, which torch's CPU
+        # generator refuses ("CPU Generator does not use offset"); LLM(seed=0) seeds the run instead.
         prompts = [{"prompt_token_ids": p} for p in w["prompts"]]
         # One untimed call with the same settings: vLLM sets up its sampler path on first use.
         llm.generate(prompts[:1], params.clone() if hasattr(params, "clone") else params, use_tqdm=False)

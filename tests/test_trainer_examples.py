@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SHORT = ["--steps", "2", "--prompts", "3", "--max-new-tokens", "12"]
 
 
-@pytest.mark.parametrize("name, extra", [("grpo_cpu", ["--verify"]), ("grpo_disk", ["--every", "1", "--verify"]),
+# grpo_cpu runs below in its --deterministic mode, which takes the same path plus the exact logprobs.
+@pytest.mark.parametrize("name, extra", [("grpo_disk", ["--every", "1", "--verify"]),
                                          ("two_servers", []), ("ppo_reward_model", []),
                                          ("grpo_router", ["--verify"])])
 def test_example_short_run(tmp_path: Path, name: str, extra: list[str]) -> None:
@@ -57,9 +58,12 @@ def test_grpo_deterministic_is_exactly_on_policy(tmp_path: Path) -> None:
     """--deterministic: the trainer's logprobs equal the rollout's bitwise, before and after a weight push."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "trainer_examples.grpo_cpu", *SHORT, "--trainer-threads", "1", "--out", str(out),
-                           "--server-device", "cpu", "--deterministic"], capture_output=True, text=True, timeout=850)
+                           "--server-device", "cpu", "--deterministic", "--verify"],
+                          capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert (out / "reward.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert all(e["update_s"] > 0 for e in logs), logs
     assert [e["rollout_version"] for e in logs] == ["default", "step-1"]
     for e in logs:
         assert e["mismatch_tokens"] > 0 and e["mismatch_max"] == 0.0, e

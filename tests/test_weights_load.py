@@ -1,4 +1,4 @@
-"""100 weight updates while about 200 requests are in flight, in each pause mode (in-process Engine, which
+"""60 weight updates while about 200 requests are in flight, in each pause mode (in-process Engine, which
 runs the same scheduler and controller code as the HTTP server).
 
 Checks: every request answers exactly once with its own rid, finish reasons are right (abort only in abort
@@ -25,7 +25,7 @@ from tests.weight_trainer import perturbed
 pytestmark = pytest.mark.timeout(180)
 
 NUM_CLIENTS = 200
-NUM_UPDATES = 100
+NUM_UPDATES = 60
 WARMUP_UPDATES = 20
 
 
@@ -168,10 +168,10 @@ def test_updates_under_load(eng, tiny_model_dir, mode):
     eng.pause_generation("retract")  # the scheduler thread stands still while we inspect its state
     assert eng.scheduler.is_idle_clean()
     eng.continue_generation()
-    # Per 80 updates and some 16,000 requests: a request's state left behind would add tens of thousands
-    # of objects, one copy of the weights per update about 34 MiB of tensors and of RSS.
+    # Over 40 updates and some 8,000 requests: a request's state left behind would add several objects per
+    # request (well over 2000), one copy of the weights per update about 17 MiB of tensors and of RSS.
     assert after.objects - before.objects < 2000, (before, after)
     assert after.tensor_bytes - before.tensor_bytes < 1 << 20, (before, after)
-    assert after.rss_mib - before.rss_mib < 16, (before, after)
+    assert after.rss_mib - before.rss_mib < 12, (before, after)  # settled noise: up to ~6 MiB
     last = dict(sets[(NUM_UPDATES - 1) % 2])["model.norm.weight"]
     assert torch.equal(torch.tensor(eng.get_weights_by_name("model.norm.weight")), last)

@@ -199,7 +199,7 @@ def run_in_subprocess(threads: int) -> list[Result]:
     """This benchmark at one thread count in a fresh process: a process that already ran torch at one
     thread count ran slower at the next (measured: GRPO at 2 threads 200 tok/s after a 1-thread run in
     the same process, 270 fresh), and a user's process runs at one count."""
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         cmd = [sys.executable, "-m", "benchmarks.generation", *argv, "--threads", str(threads),

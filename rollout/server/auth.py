@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from rollout.server.limits import request_header
 from rollout.server.responses import error_response
 
 CONTROL_ROUTES = frozenset({
@@ -51,11 +52,7 @@ class ApiKeyMiddleware:
         want, flag = self.expected(scope["path"])
         if want is None:
             return await self.app(scope, receive, send)
-        got = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                got = value
-                break
+        got = request_header(scope, b"authorization") or b""
         if hmac.compare_digest(got, want):
             return await self.app(scope, receive, send)
         which = "admin API key" if flag == "--admin-api-key" else "API key"

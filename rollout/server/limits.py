@@ -38,7 +38,8 @@ def _closing(response: Any) -> Any:
     return response
 
 
-def _header(scope: dict, name: bytes) -> bytes | None:
+def request_header(scope: dict, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower-case bytes, as ASGI gives them), or None."""
     for key, value in scope["headers"]:
         if key == name:
             return value
@@ -67,7 +68,7 @@ class BodyLimitMiddleware:
         limit, flag = self.limit_for(scope["path"])
         too_large = _closing(error_response(f"The request body is larger than this server's limit of "
                                             f"{_mib(limit)} ({flag}) on {scope['path']}.", 413))
-        declared = _header(scope, b"content-length")
+        declared = request_header(scope, b"content-length")
         if declared is not None:
             try:
                 length = int(declared)
@@ -77,7 +78,7 @@ class BodyLimitMiddleware:
                 return await _closing(error_response(f"Invalid Content-Length header: {declared[:40]!r}.", 400))(
                     scope, receive, send)
             if length > limit:
-                if length <= DRAIN_BYTES and _header(scope, b"expect") is None:
+                if length <= DRAIN_BYTES and request_header(scope, b"expect") is None:
                     await self._drain(receive)  # so that a client still uploading reads the 413
                 return await too_large(scope, receive, send)
 

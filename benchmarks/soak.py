@@ -8,7 +8,9 @@ alternately from disk and as a tensor payload with a new `weight_version`, conti
 
 Prints: requests sent and served, lost (no answer, or a 5xx / unexpected status), duplicated (an rid
 answered twice), cancelled, p50 / p99 latency of the non-streaming requests, weight updates applied, and the
-resident memory (RSS) of the HTTP and engine processes after warm-up and at the end, with the change in %.
+resident memory (RSS) of the HTTP and engine processes right after the last update of the warm-up and right
+after the last update of the run (the same point of the update cycle), with the change in %, and the highest
+RSS seen (sampled every 30 s too).
 Goal (issue 11): 0 lost, 0 duplicated, RSS within 2 % of its post-warm-up value.
 
     python -m benchmarks.soak --tiny --minutes 1      # a smoke run on a tiny random model
@@ -26,6 +28,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -149,8 +152,11 @@ class Client:
         self.tally.add("cancelled")
 
 
-def trainer(url: str, ckpts: list[str], every: float, stop: threading.Event, tally: Tally) -> None:
-    """A GRPO trainer's weight pushes: pause (retract), update, continue, every `every` seconds."""
+def trainer(url: str, ckpts: list[str], every: float, stop: threading.Event, tally: Tally,
+            settled: list[tuple[float, float, float]], sample: "Callable[[], tuple[float, float]]") -> None:
+    """A GRPO trainer's weight pushes: pause (retract), update, continue, every `every` seconds. After each
+    update both processes' RSS is appended to `settled` (time, http, engine): the same point of the cycle
+    every time, so a rise between two of them is memory kept, not one update's transient buffers."""
     payloads = [encode_named_tensors(list(iterate_checkpoint(c))) for c in ckpts]
     k = 0
     while not stop.wait(every):
@@ -165,6 +171,7 @@ def trainer(url: str, ckpts: list[str], every: float, stop: threading.Event, tal
                     "serialized_named_tensors": [payloads[k % len(ckpts)]], "weight_version": f"step-{k}"})
             assert requests.post(url + "/continue_generation", json={}, timeout=300).ok
             tally.add("updates" if r.status_code == 200 else "updates_failed")
+            settled.append((time.monotonic(), *sample()))
         except (requests.RequestException, AssertionError) as e:
             tally.add("updates_failed")
             tally.lost(0, f"update: {e!r}")
@@ -173,7 +180,7 @@ def trainer(url: str, ckpts: list[str], every: float, stop: threading.Event, tal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=1.0)
-    parser.add_argument("--warmup-s", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=20.0, help="at least; and until 4 updates have run")
     parser.add_argument("--tiny", action="store_true", help="a small random model (checks the script)")
     parser.add_argument("--model-path", help="HF checkpoint directory (default: the embedded SmolLM2)")
     parser.add_argument("--clients", type=int, default=8)
@@ -202,22 +209,32 @@ def main() -> None:
         stop = threading.Event()
         clients = [Client(server.url, vocab, tally, args, seed=i) for i in range(args.clients)]
         threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
+        settled: list[tuple[float, float, float]] = []
+        sample = lambda: (rss_mib(server.proc.pid), rss_mib(engine_pid))  # noqa: E731
         threads.append(threading.Thread(target=trainer, args=(server.url, [model, other], args.update_every, stop,
-                                                              tally), daemon=True))
+                                                              tally, settled, sample), daemon=True))
         for t in threads:
             t.start()
-        # Warm-up lasts until both kinds of update have run: the first tensor payload (the whole model as
-        # JSON through the HTTP process) sets each process's high-water mark, which glibc keeps.
-        warmup_s = max(args.warmup_s, 2.5 * args.update_every)
-        time.sleep(warmup_s)
-        rss0 = (rss_mib(server.proc.pid), rss_mib(engine_pid))
+        # Warm-up lasts until each kind of update has run twice: the first ones set each process's high-water
+        # mark (the disk reader's scratch buffer is kept on purpose), which glibc keeps.
+        began = time.monotonic()
+        while (time.monotonic() - began < args.warmup_s or len(settled) < 4) and time.monotonic() - began < 600:
+            time.sleep(1.0)
+        warmup_s = time.monotonic() - began
+        mark = len(settled)
         start_counts = Counter(tally.counts)
-        samples = [rss0]
-        end = time.monotonic() + max(args.minutes * 60 - warmup_s, 1.0)
+        samples = [sample()]
+        end = began + max(args.minutes * 60, warmup_s + 1.0)
         while time.monotonic() < end:
             time.sleep(min(30.0, max(end - time.monotonic(), 0.0)))
-            samples.append((rss_mib(server.proc.pid), rss_mib(engine_pid)))
-        rss1 = samples[-1]
+            samples.append(sample())
+        stop.set()
+        for t in threads:
+            t.join(600)
+        after = settled[max(mark - 1, 0):] or [(0.0, *samples[0]), (0.0, *samples[-1])]
+        rss0, rss1 = after[0][1:], after[-1][1:]
+        series = [(round(t - began), round(h), round(e)) for t, h, e in after]
+        samples += [x[1:] for x in after]
         stop.set()
         for t in threads:
             t.join(600)
@@ -236,7 +253,7 @@ def main() -> None:
         "rss_engine_change_pct": 100 * (rss1[1] - rss0[1]) / rss0[1],
         "served_after_warmup": tally.counts["served"] - start_counts["served"],
         "rss_http_max_mib": max(x[0] for x in samples), "rss_engine_max_mib": max(x[1] for x in samples),
-        "warmup_s": warmup_s,
+        "warmup_s": warmup_s, "rss_after_each_update": series,
         "health_at_end": health, "idle_clean_at_end": state.get("idle_clean"), "errors": tally.errors,
     }
     if args.json:
@@ -251,6 +268,8 @@ def main() -> None:
           f"{rss0[1]:.1f} -> {rss1[1]:.1f} ({result['rss_engine_change_pct']:+.2f} %)  (goal: within 2 %); "
           f"highest sampled (every 30 s): http {result['rss_http_max_mib']:.1f}, engine "
           f"{result['rss_engine_max_mib']:.1f}; warm-up {warmup_s:g} s")
+    step = max(1, len(series) // 12)
+    print("RSS after updates (s, http MiB, engine MiB): " + "  ".join(f"{t}:{h}/{e}" for t, h, e in series[::step]))
     print(f"end       /health {health}, idle_clean {result['idle_clean_at_end']}")
     for e in tally.errors:
         print("  error:", e)

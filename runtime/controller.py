@@ -36,6 +36,7 @@ from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeigh
                               ResumeMemoryReq, UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
                               UpdateWeightsFromLocalTensorsReq, UpdateWeightsFromTensorReq, UpdateWeightVersionReq)
 from runtime.group_join import GroupJoin
+from runtime.heap_trim import release_free_heap
 from runtime.weight_updater import WeightUpdater
 from sync.errors import BroadcastError, CheckpointNotFoundError, PartialUpdateError, WeightUpdateError
 from sync.report import UpdateReport
@@ -160,6 +161,13 @@ class Controller:
 
     def _update(self, msg: Any, outputs: list, apply: Any, ok: str, fail_prefix: str,
                 complete: bool) -> ControlResult:
+        try:
+            return self._apply_update(msg, outputs, apply, ok, fail_prefix, complete)
+        finally:
+            release_free_heap()  # the update's buffers are gone: give their pages back (runtime/heap_trim.py)
+
+    def _apply_update(self, msg: Any, outputs: list, apply: Any, ok: str, fail_prefix: str,
+                      complete: bool) -> ControlResult:
         """Run `apply()` (returns an UpdateReport); on success bump the version and invalidate old KV.
 
         `complete`: the request is a whole update by itself (disk) or names the version it completes."""

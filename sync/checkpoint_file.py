@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import _getdtype  # safetensors' own header-code -> torch dtype table
 
 from sync.errors import WeightUpdateError
+from sync.safetensors_header import MAX_HEADER_BYTES, TensorEntry, entry_views, header_entries
 from sync.scratch import ScratchBuffer
-
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
-
 
 class CheckpointChangedError(WeightUpdateError):
     """The file changed (size, mtime or inode) while it was being read: nothing of it was used."""
@@ -40,15 +37,6 @@ class FileStamp:
 
     def describe(self) -> str:
         return f"{self.size} bytes, mtime {self.mtime_ns}, inode {self.inode}"
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # byte offsets into the data section
-    end: int
 
 
 class CheckpointFile:
@@ -87,10 +75,7 @@ class CheckpointFile:
             raise WeightUpdateError(f"{path} is not a safetensors file: its header is a JSON "
                                     f"{type(header).__name__}, not an object.")
         data_start = 8 + n
-        entries = [_entry(path, name, info, stamp.size - data_start)
-                   for name, info in header.items() if name != "__metadata__"]
-        entries.sort(key=lambda e: e.begin)
-        return cls(path, stamp, data_start, entries)
+        return cls(path, stamp, data_start, header_entries(header, str(path), stamp.size - data_start))
 
     def _check_unchanged(self, st: os.stat_result, when: str) -> None:
         now = FileStamp.of(st)
@@ -130,37 +115,4 @@ class CheckpointFile:
         if got < len(view):
             raise CheckpointChangedError(f"{self.path} changed while being read: {got} of {len(view)} data bytes "
                                          "could be read.")
-        out = []
-        for e in entries:
-            raw = buf[e.begin - first:e.end - first]
-            if (e.begin - first) % e.dtype.itemsize:  # not aligned for a typed view: copy it out
-                raw = raw.clone()
-            out.append((e.name, raw.view(e.dtype).view(e.shape)))
-        return out
-
-
-def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
-    where = f"Tensor {name!r} in {path}"
-    if not isinstance(info, dict):
-        raise WeightUpdateError(f"{where}: header entry is a {type(info).__name__}, not an object.")
-    dtype_code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    try:
-        dtype = _getdtype(dtype_code)
-    except (KeyError, TypeError):
-        raise WeightUpdateError(f"{where} has dtype {dtype_code!r}, which torch cannot read.") from None
-    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
-        raise WeightUpdateError(f"{where} has shape {shape!r}; expected a list of non-negative integers.")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or any(not isinstance(o, int) or isinstance(o, bool) for o in offsets)):
-        raise WeightUpdateError(f"{where} has data_offsets {offsets!r}; expected [begin, end].")
-    begin, end = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
-    if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
-        raise WeightUpdateError(f"{where}: data_offsets {offsets} do not hold {numel} elements of {dtype} "
-                                f"({numel * dtype.itemsize} bytes).")
-    if end > data_bytes:
-        raise WeightUpdateError(f"{where}: data_offsets {offsets} run past the end of the file's data "
-                                f"({data_bytes} bytes): the file is truncated.")
-    return TensorEntry(name, dtype, tuple(shape), begin, end)
+        return entry_views(buf, entries, first)

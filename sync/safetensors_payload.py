@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import warnings
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from sync.errors import WeightUpdateError
+from sync.safetensors_header import MAX_HEADER_BYTES, entry_views, header_entries
 
 _ORDER_KEY = "names"
 
@@ -38,34 +39,57 @@ def encode_named_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def decode_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) in the order they were encoded; raises WeightUpdateError on anything else."""
+    """(name, CPU tensor) in the order they were encoded; raises WeightUpdateError on anything else.
+
+    The tensors are read-only views into the decoded bytes (one buffer, freed whole with the last of them)."""
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise WeightUpdateError(f"Tensor payload is not valid base64: {e}") from None
     # A pickle (protocol 2+) starts with 0x80; so does a safetensors payload whose JSON header is 128 bytes
-    # long (its 8-byte length, then "{"). Either way nothing here runs code: load() only parses.
+    # long (its 8-byte length, then "{"). Either way nothing here runs code: the bytes are only parsed.
     if raw[:1] == b"\x80" and raw[8:9] != b"{":
         raise WeightUpdateError("Tensor payload is a pickle; only safetensors bytes are accepted.")
+    header, data_start = _header(raw)
+    entries = header_entries(header, "the tensor payload", len(raw) - data_start)
     try:
-        tensors = load(raw)
-    except (SafetensorError, ValueError, KeyError, TypeError) as e:
-        raise WeightUpdateError(f"Tensor payload is not safetensors bytes: {e}") from None
-    try:
-        order = _payload_order(raw) or list(tensors)
+        order = _names(header) or [e.name for e in entries]
     except (ValueError, TypeError, AttributeError) as e:
         raise WeightUpdateError(f"Tensor payload's metadata {_ORDER_KEY!r} is not a JSON list of tensor names: "
                                 f"{e}") from None
     if not isinstance(order, list) or any(not isinstance(n, str) for n in order):
         raise WeightUpdateError(f"Tensor payload's metadata {_ORDER_KEY!r} must be a JSON list of tensor names, "
                                 f"got {str(order)[:80]}.")
-    if sorted(order) != sorted(tensors):
+    if sorted(order) != sorted(e.name for e in entries):
         raise WeightUpdateError("Tensor payload's name list does not match its tensors.")
+    if len(raw) == data_start:
+        data = torch.empty(0, dtype=torch.uint8)
+    else:
+        with warnings.catch_warnings():  # bytes are immutable: the views are only ever read (copied from)
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(raw, dtype=torch.uint8, offset=data_start)
+    tensors = dict(entry_views(data, entries))
     return [(name, tensors[name]) for name in order]
 
 
-def _payload_order(raw: bytes) -> list[str] | None:
-    # The header is an 8-byte little-endian length then JSON; load() has already validated it.
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    names = header.get("__metadata__", {}).get(_ORDER_KEY)
+def _header(raw: bytes) -> tuple[dict, int]:
+    """The parsed JSON header and where the data section starts."""
+    not_ours = "Tensor payload is not safetensors bytes"
+    if len(raw) < 8:
+        raise WeightUpdateError(f"{not_ours}: it has {len(raw)} bytes, fewer than the 8-byte header length.")
+    n = int.from_bytes(raw[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > len(raw):
+        raise WeightUpdateError(f"{not_ours}: its header length field says {n} bytes, the payload has {len(raw)}.")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightUpdateError(f"{not_ours}: its header is not JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise WeightUpdateError(f"{not_ours}: its header is a JSON {type(header).__name__}, not an object.")
+    return header, 8 + n
+
+
+def _names(header: dict) -> list[str] | None:
+    metadata = header.get("__metadata__") or {}
+    names = metadata.get(_ORDER_KEY) if isinstance(metadata, dict) else None
     return json.loads(names) if names else None

@@ -87,3 +87,13 @@ def test_payload_whose_header_is_128_bytes_is_not_taken_for_a_pickle() -> None:
     import pickle
     with pytest.raises(WeightUpdateError, match="pickle"):
         decode_named_tensors(base64.b64encode(pickle.dumps({"x": 1})).decode())
+
+
+def test_decoded_tensors_are_views_of_one_buffer() -> None:
+    # Issue 11 (soak): a copy per tensor left a model's worth of freed blocks in the engine's heap after
+    # every tensor update, and its resident memory crept up under load. One buffer is freed whole.
+    named = [("a", torch.randn(300, 7)), ("b", torch.arange(5, dtype=torch.int64)), ("c", torch.randn(2, 3).half())]
+    out = decode_named_tensors(encode_named_tensors(named))
+    assert [n for n, _ in out] == ["a", "b", "c"]
+    assert all(torch.equal(t, ref) and t.dtype == ref.dtype for (_, t), (_, ref) in zip(out, named))
+    assert len({t.untyped_storage().data_ptr() for _, t in out}) == 1

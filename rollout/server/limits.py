@@ -17,6 +17,7 @@ import asyncio
 from typing import Any
 
 from rollout.server.responses import error_response
+from runtime.heap_trim import release_free_heap
 
 MIB = 1 << 20
 # The routes whose bodies carry weights get their own limit: a model's tensors in base64 are gigabytes.
@@ -24,6 +25,10 @@ WEIGHT_BODY_ROUTES = ("/update_weights_from_tensor",)
 RETRY_AFTER_S = 1
 # A refused body up to this size is read and dropped before the 413 (see _drain).
 DRAIN_BYTES = 256 * MIB
+# Declared bodies from this size on are received into one buffer (see _BodyBuffer).
+WHOLE_BUFFER_BYTES = 1 * MIB
+# After a body this big (a weight payload) has been handled, free heap pages go back to the system.
+TRIM_AFTER_BYTES = 16 * MIB
 
 
 def queue_full_response(message: str) -> Any:
@@ -48,6 +53,38 @@ def request_header(scope: dict, name: bytes) -> bytes | None:
 
 def _mib(n: int) -> str:
     return f"{n / MIB:g} MiB" if n >= MIB else f"{n} bytes"
+
+
+class _BodyBuffer:
+    """A request body as it arrives. A big body whose length was declared is written into one buffer of that
+    size: kept as a list of chunks, a weight payload's ~10,000 chunks of 64 KiB would stay in the heap as
+    freed medium-sized blocks once the request is done (glibc returns a big block to the system at once, a
+    heap full of small holes only when the top of the heap is free, which under load it never is)."""
+
+    def __init__(self, declared: int):
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.whole = bytearray(declared) if declared >= WHOLE_BUFFER_BYTES else None
+
+    def add(self, chunk: bytes, limit: int) -> bool:
+        """False once the body is over `limit` (or longer than it said it was)."""
+        end = self.size + len(chunk)
+        if end > limit or (self.whole is not None and end > len(self.whole)):
+            self.size = end
+            return False
+        if self.whole is not None:
+            self.whole[self.size:end] = chunk
+        else:
+            self.chunks.append(chunk)
+        self.size = end
+        return True
+
+    def take(self) -> bytes | bytearray:
+        if self.whole is not None:
+            whole, self.whole = self.whole, None
+            return whole if len(whole) == self.size else whole[:self.size]
+        body, self.chunks = b"".join(self.chunks), []
+        return body
 
 
 class BodyLimitMiddleware:
@@ -82,23 +119,19 @@ class BodyLimitMiddleware:
                     await self._drain(receive)  # so that a client still uploading reads the 413
                 return await too_large(scope, receive, send)
 
-        chunks: list[bytes] = []
-        size = 0
+        buffer = _BodyBuffer(length if declared is not None else 0)
         more = True
         while more:
             message = await self._next(receive)
             if message is None:
-                return await self._timed_out(size)(scope, receive, send)
+                return await self._timed_out(buffer.size)(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return  # nobody to answer
-            body = message.get("body", b"")
-            size += len(body)
             more = message.get("more_body", False)
-            if size > limit:
+            if not buffer.add(message.get("body", b""), limit):
                 if more:
-                    await self._drain(receive, size)
+                    await self._drain(receive, buffer.size)
                 return await too_large(scope, receive, send)
-            chunks.append(body)
 
         replayed = False
 
@@ -106,10 +139,12 @@ class BodyLimitMiddleware:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": buffer.take(), "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
+        if buffer.size >= TRIM_AFTER_BYTES:
+            release_free_heap()  # what parsing and forwarding it left in the heap goes back (runtime/heap_trim.py)
 
     async def _next(self, receive: Any) -> dict | None:
         """The next message, or None when nothing came for read_timeout_s."""

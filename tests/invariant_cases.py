@@ -1,0 +1,74 @@
+"""Seeded cases for tests/test_triton_invariant.py: each runs a batch-invariant Triton kernel
+(kernels/triton/invariant_*.py) in several batch layouts and its torch reference, and returns every result
+on the CPU for the test to compare. Run in the interpreting child process (tests/triton_interpret.py), or on
+CUDA by the `gpu` tests; nothing here imports triton at module level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_cases import NUM_SLOTS, _cache, scattered_page_table
+
+
+def matmul_case(dtype: torch.dtype, m: int, k: int, n: int, bias: bool,
+                device: str = "cpu") -> dict[str, torch.Tensor]:
+    """x [m, k] @ W^T: the whole call, each probed row alone (M = 1), the rows at another offset inside a
+    smaller call, and the fp32 reference."""
+    from kernels.triton.invariant_matmul import invariant_matmul
+
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    w = torch.randn(n, k, generator=gen).to(dtype).to(device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    probes = [0, 1, m // 2, m - 1]
+    full = invariant_matmul(x, w, b)
+    alone = torch.cat([invariant_matmul(x[i:i + 1], w, b) for i in probes])
+    shifted = invariant_matmul(x[1:m - 2], w, b)   # every row moves up one place in its tile
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    return {"full": full.cpu(), "alone": alone.cpu(), "probes": torch.tensor(probes), "shifted": shifted.cpu(),
+            "ref": ref.cpu()}
+
+
+def _attend(q, k_cache, v_cache, table, layout, scale, window, device):
+    """One invariant_attention call over `layout`: [(request, prefix_len, extend_len)], tokens of request b at
+    q[b][prefix:prefix + extend]. Returns the output rows per entry."""
+    from kernels.triton.invariant_attention import invariant_attention
+
+    rows = torch.cat([q[b][p:p + e] for b, p, e in layout])
+    pre = torch.tensor([p for _, p, _ in layout])
+    ext = torch.tensor([e for _, _, e in layout])
+    starts = torch.cumsum(ext, 0) - ext
+    tab = table[[b for b, _, _ in layout]]
+    out = torch.full_like(rows, float("nan"), device=device)
+    invariant_attention(rows.to(device), k_cache.to(device), v_cache.to(device), tab.to(device), pre.to(device),
+                        ext.to(device), starts.to(device), int(ext.max()), scale, window, out=out)
+    return list(out.cpu().split(ext.tolist()))
+
+
+def attention_case(dtype: torch.dtype, page_size: int, window: int | None, group: int, head_dim: int = 16,
+                   device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Request 0 (70 tokens; its keys already in a paged cache, as after the step stores them) attended
+    prefilled whole beside other requests, prefilled alone in chunks of 23, and decoded token by token,
+    in a batch of decodes and a chunk and alone, and the fp32 reference of the whole prefill."""
+    from kernels.triton.invariant_attention import extend_attention_torch
+
+    gen = torch.Generator().manual_seed(11 + group)
+    kv_heads, seq_lens = 2, [70, 5, 40, 33, 1]
+    table = scattered_page_table(gen, seq_lens, page_size)
+    k_cache, v_cache = (_cache(gen, table, seq_lens, kv_heads, head_dim, dtype) for _ in range(2))
+    q = [torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype) for n in seq_lens]
+    run = lambda layout: _attend(q, k_cache, v_cache, table, layout, 0.3, window, device)   # noqa: E731
+    n = seq_lens[0]
+    batched = run([(1, 0, 5), (0, 0, n), (2, 10, 30), (4, 0, 1)])[1]
+    chunked = torch.cat([run([(0, p, min(23, n - p))])[0] for p in range(0, n, 23)])
+    probes = [0, 31, 32, 33, 69]   # around the key-block edges of every dtype
+    decoded_batch = torch.cat([run([(2, 39, 1), (0, i, 1), (3, 32, 1), (1, 0, 5)])[1] for i in probes])
+    decoded_alone = torch.cat([run([(0, i, 1)])[0] for i in probes])
+    ref = extend_attention_torch(q[0].float(), k_cache.float(), v_cache.float(), table[:1], torch.tensor([0]),
+                                 torch.tensor([n]), 0.3, window)
+    return {"batched": batched, "chunked": chunked, "decoded_batch": decoded_batch,
+            "decoded_alone": decoded_alone, "probes": torch.tensor(probes), "ref": ref}
+
+
+__all__ = ["matmul_case", "attention_case", "NUM_SLOTS"]

@@ -1,0 +1,105 @@
+"""The batch-invariant Triton kernels of `--enable-deterministic-inference` (kernels/triton/invariant_*.py):
+close to their torch references, and bitwise invariant to the batch.
+
+Checked for every kernel, by bytes: a matmul row computed alone (M = 1) equals the same row in an M = 37
+call and at another place in its tile; an attention query's output is the same prefilled whole beside other
+requests, prefilled in chunks, decoded in a batch of decodes and chunks, and decoded alone.
+
+What the interpreter run (TRITON_INTERPRET=1, CPU) proves and what it does not: it runs these kernels' own
+code (tiling, masks, loop bounds, block order, the online-softmax recurrence), so it proves that nothing in
+them chooses the reduction from the batch: each output element is computed by the same sequence of tile
+operations whichever call it is in. It does not prove the GPU's bits: there tl.dot runs in numpy (BLAS, fp32
+operands, bf16 upcast), not on tensor cores, and the compiler's code (MMA layouts, fused FMAs, the order
+of tl.sum's tree) is not exercised. That a compiled tile computes a row the same wherever the row sits in it
+is what the `gpu` tests below check on CUDA, with the model end to end in tests/test_deterministic_gpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+import pytest
+import torch
+
+from invariant_cases import attention_case, matmul_case
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_VERSION = tuple(int(x) for x in importlib.metadata.version("triton").split(".")[:2]) if HAS_TRITON else ()
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[dev]')")
+needs_interpreter = pytest.mark.skipif(
+    TRITON_VERSION < (3, 7), reason="Triton < 3.7's interpreter fails with numpy 2 on range() over a loaded value")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Against an fp32 reference. bf16: the interpreter rounds its fp32 sums to bf16 by truncation (1 ulp).
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+@pytest.fixture(scope="module")
+def interpreter(triton_interpreter):
+    return triton_interpreter.run
+
+
+def _check_matmul(r: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    assert not r["full"].isnan().any()
+    torch.testing.assert_close(r["full"].float(), r["ref"], **TOL[dtype])
+    assert torch.equal(r["alone"], r["full"][r["probes"]]), "a row alone differs from the row in M = 37"
+    assert torch.equal(r["shifted"], r["full"][1:-2]), "rows moved within their tiles changed bits"
+
+
+def _check_attention(r: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    assert not r["batched"].isnan().any(), "a row of the output was never written"
+    torch.testing.assert_close(r["batched"].float(), r["ref"], **TOL[dtype])
+    assert torch.equal(r["chunked"], r["batched"]), "chunked prefill differs from the whole prefill"
+    assert torch.equal(r["decoded_batch"], r["batched"][r["probes"]]), "decode differs from prefill"
+    assert torch.equal(r["decoded_alone"], r["decoded_batch"]), "a decode alone differs from it in a batch"
+
+
+MATMUL_CASES = [   # dtype, M, K, N, bias: K and N not multiples of the tiles, M across two row tiles
+    (torch.float32, 37, 48, 80, True),
+    (torch.float32, 70, 96, 40, False),
+    (torch.bfloat16, 37, 80, 136, True),
+    (torch.float16, 37, 64, 72, False),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,m,k,n,bias", MATMUL_CASES)
+def test_matmul_rows_are_batch_invariant(interpreter, dtype, m, k, n, bias):
+    _check_matmul(interpreter(matmul_case, dtype, m, k, n, bias), dtype)
+
+
+ATTENTION_CASES = [   # dtype, page_size, sliding_window, group
+    (torch.float32, 1, None, 3),
+    (torch.float32, 16, 24, 2),
+    (torch.float16, 16, None, 4),
+    (torch.bfloat16, 1, 20, 1),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,page_size,window,group", ATTENTION_CASES)
+def test_attention_is_the_same_prefilled_chunked_or_decoded(interpreter, dtype, page_size, window, group):
+    _check_attention(interpreter(attention_case, dtype, page_size, window, group), dtype)
+
+
+# --- compiled, on CUDA ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_rows_are_batch_invariant_on_gpu(dtype):
+    # SmolLM2's MLP shapes, and a row count past several tiles.
+    _check_matmul(matmul_case(dtype, 300, 576, 1536, True, device="cuda"), dtype)
+    _check_matmul(matmul_case(dtype, 37, 1536, 576, False, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,page_size,window,group", [(torch.float32, 16, None, 3), (torch.bfloat16, 16, None, 3),
+                                                          (torch.bfloat16, 1, 20, 1)])
+def test_attention_is_the_same_prefilled_chunked_or_decoded_on_gpu(dtype, page_size, window, group):
+    for head_dim in (64, 128):
+        _check_attention(attention_case(dtype, page_size, window, group, head_dim, device="cuda"), dtype)

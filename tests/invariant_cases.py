@@ -71,4 +71,30 @@ def attention_case(dtype: torch.dtype, page_size: int, window: int | None, group
             "decoded_alone": decoded_alone, "probes": torch.tensor(probes), "ref": ref}
 
 
-__all__ = ["matmul_case", "attention_case", "NUM_SLOTS"]
+def engine_case(model_path: str, prompts: list[list[int]], max_new_tokens: int,
+                chunk_sizes: tuple[int, ...], device: str = "cpu") -> dict:
+    """Deterministic mode on the Triton backend, per chunked-prefill size: prompts[0] greedy alone, then all
+    prompts together, then prompts[0] + its completion scored in one prefill (its prompt logprobs)."""
+    from runtime.engine import Engine
+
+    greedy = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": max_new_tokens}
+    result: dict = {}
+    for chunk in chunk_sizes:
+        eng = Engine(model_path, skip_tokenizer_init=True, progress=False, device=device, dtype="float32",
+                     attention_backend="triton", enable_deterministic_inference=True, max_total_tokens=2048,
+                     chunked_prefill_size=chunk, disable_cuda_graph=True)
+        try:
+            alone = eng.generate(input_ids=[prompts[0]], sampling_params=greedy, return_logprob=True)[0]
+            batch = eng.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
+            whole = prompts[0] + alone["output_ids"]
+            scored = eng.generate(input_ids=[whole], sampling_params={**greedy, "max_new_tokens": 1},
+                                  return_logprob=True, logprob_start_len=0)[0]
+            linears = {type(m).__name__ for m in eng.runner.model.modules() if "Linear" in type(m).__name__}
+            result[chunk] = {"alone": alone, "batch": batch, "scored": scored, "linears": sorted(linears),
+                             "backend": type(eng.runner.backend).__name__}
+        finally:
+            eng.shutdown()
+    return result
+
+
+__all__ = ["matmul_case", "attention_case", "engine_case", "NUM_SLOTS"]

@@ -20,9 +20,9 @@ import triton.language as tl
 
 from kernels.triton.device import check_launchable, dot_in_fp32
 
-# (BLOCK_M, BLOCK_N, BLOCK_K) per operand dtype; never a function of M. fp32 tiles are smaller so three
+# (BLOCK_M, BLOCK_N, BLOCK_K) per operand dtype; never a function of M. fp32 tiles are narrower so three
 # pipeline stages fit an H100's shared memory.
-TILES = {torch.float32: (64, 64, 32), torch.float16: (64, 128, 64), torch.bfloat16: (64, 128, 64)}
+TILES = {torch.float32: (64, 64, 64), torch.float16: (64, 128, 64), torch.bfloat16: (64, 128, 64)}
 NUM_WARPS = 4
 NUM_STAGES = 3
 

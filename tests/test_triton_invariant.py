@@ -85,6 +85,52 @@ def test_attention_is_the_same_prefilled_chunked_or_decoded(interpreter, dtype, 
     _check_attention(interpreter(attention_case, dtype, page_size, window, group), dtype)
 
 
+# --- compiled for an H100/H200 (sm_90), on CPU -----------------------------------------------------
+
+SM90_SHARED_MEMORY = 232448
+INDEX_POINTERS = {"PageTable": "*i64", "PrefixLens": "*i64", "ExtendLens": "*i64", "QStarts": "*i64"}
+
+
+def _compile_cases():
+    from kernels.triton import invariant_attention as attention
+    from kernels.triton import invariant_matmul as matmul
+
+    cases = []
+    for dtype, t in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        bm, bn, bk = matmul.TILES[dtype]
+        cases.append((matmul._matmul, t, dict(HAS_BIAS=True, DOT_FP32=dtype == torch.float32, BLOCK_M=bm,
+                                               BLOCK_N=bn, BLOCK_K=bk), matmul.NUM_STAGES))
+        cases.append((attention._invariant_attention, t, dict(
+            GROUP=7, HEAD_DIM=64, HAS_WINDOW=dtype == torch.float32, DOT_FP32=dtype == torch.float32,
+            BLOCK_M=attention.BLOCK_M, BLOCK_N=attention.block_n(dtype), BLOCK_D=64), 3))
+    return cases
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_compile_for_sm90():
+    """The GPU compiler's checks (tl.dot shapes, types, shared memory at the tiles the launchers fix) on any
+    machine: Triton compiles to a cubin for sm_90 with the ptxas it ships."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton.knobs.runtime.interpret:
+        pytest.skip("this process runs Triton's interpreter (TRITON_INTERPRET=1): nothing to compile")
+    for fn, data_type, constexprs, stages in _compile_cases():
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg[0].isupper():       # pointers are capitalised
+                signature[arg] = INDEX_POINTERS.get(arg, data_type)
+            else:
+                signature[arg] = "fp32" if arg.startswith("scale") else "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "num_stages": stages})
+        assert compiled.asm["cubin"]
+        assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (fn.__name__, data_type, compiled.metadata.shared)
+
+
 # --- compiled, on CUDA ----------------------------------------------------------------------------
 
 

@@ -28,19 +28,19 @@ NUM_STAGES = 3
 
 
 @triton.jit
-def _matmul(X, W, B, Out, M, N, K, stride_xm, stride_wn, stride_om,
+def _matmul(X, W, B, Out, num_rows, num_cols, depth, stride_xm, stride_wn, stride_om,
             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
+    row_ok = rows < num_rows
+    col_ok = cols < num_cols
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + kk) < K
+    for k0 in range(0, depth, BLOCK_K):
+        k_ok = (k0 + kk) < depth
         x = tl.load(X + rows[:, None] * stride_xm + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w = tl.load(W + cols[None, :] * stride_wn + (k0 + kk)[:, None], mask=col_ok[None, :] & k_ok[:, None],

@@ -45,6 +45,7 @@ class TritonInvariantLinear(nn.Linear):
     """InvariantLinear on the Triton kernel: fixed tiles, no split-K, one K order for every row count."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Imported here: the CPU path (and this module) must work without triton installed.
         from kernels.triton.invariant_matmul import invariant_matmul
 
         return invariant_matmul(x, self.weight, self.bias)

@@ -30,6 +30,19 @@ def matmul_case(dtype: torch.dtype, m: int, k: int, n: int, bias: bool,
             "ref": ref.cpu()}
 
 
+def rmsnorm_case(dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """kernels/triton/rmsnorm.py (the mode keeps it: one program per row, its block set by the row width):
+    37 rows with a residual in one call, and rows 0, 5, 36 alone."""
+    from kernels.triton.rmsnorm import rms_norm_triton
+
+    gen = torch.Generator().manual_seed(5)
+    x, r = (torch.randn(37, 96, generator=gen).to(dtype).to(device) for _ in range(2))
+    w = torch.randn(96, generator=gen).to(dtype).to(device)
+    full = rms_norm_triton(x, r, w, 1e-6)[0]
+    alone = torch.cat([rms_norm_triton(x[i:i + 1], r[i:i + 1], w, 1e-6)[0] for i in (0, 5, 36)])
+    return {"full": full.cpu(), "alone": alone.cpu(), "probes": torch.tensor([0, 5, 36])}
+
+
 def _attend(q, k_cache, v_cache, table, layout, scale, window, device):
     """One invariant_attention call over `layout`: [(request, prefix_len, extend_len)], tokens of request b at
     q[b][prefix:prefix + extend]. Returns the output rows per entry."""
@@ -74,7 +87,8 @@ def attention_case(dtype: torch.dtype, page_size: int, window: int | None, group
 def engine_case(model_path: str, prompts: list[list[int]], max_new_tokens: int,
                 chunk_sizes: tuple[int, ...], device: str = "cpu") -> dict:
     """Deterministic mode on the Triton backend, per chunked-prefill size: prompts[0] greedy alone, then all
-    prompts together, then prompts[0] + its completion scored in one prefill (its prompt logprobs)."""
+    prompts together with prompts[0] second (so its prompt is chunked elsewhere), then prompts[0] + its
+    completion prefilled (its prompt logprobs)."""
     from runtime.engine import Engine
 
     greedy = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": max_new_tokens}
@@ -85,7 +99,8 @@ def engine_case(model_path: str, prompts: list[list[int]], max_new_tokens: int,
                      chunked_prefill_size=chunk, disable_cuda_graph=True)
         try:
             alone = eng.generate(input_ids=[prompts[0]], sampling_params=greedy, return_logprob=True)[0]
-            batch = eng.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
+            batch = eng.generate(input_ids=[prompts[1], prompts[0], *prompts[2:]], sampling_params=greedy,
+                                 return_logprob=True)
             whole = prompts[0] + alone["output_ids"]
             scored = eng.generate(input_ids=[whole], sampling_params={**greedy, "max_new_tokens": 1},
                                   return_logprob=True, logprob_start_len=0)[0]
@@ -97,4 +112,4 @@ def engine_case(model_path: str, prompts: list[list[int]], max_new_tokens: int,
     return result
 
 
-__all__ = ["matmul_case", "attention_case", "engine_case", "NUM_SLOTS"]
+__all__ = ["matmul_case", "rmsnorm_case", "attention_case", "engine_case", "NUM_SLOTS"]

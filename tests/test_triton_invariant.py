@@ -24,7 +24,7 @@ import struct
 import pytest
 import torch
 
-from invariant_cases import attention_case, engine_case, matmul_case
+from invariant_cases import attention_case, engine_case, matmul_case, rmsnorm_case
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_VERSION = tuple(int(x) for x in importlib.metadata.version("triton").split(".")[:2]) if HAS_TRITON else ()
@@ -69,6 +69,13 @@ MATMUL_CASES = [   # dtype, M, K, N, bias: K and N not multiples of the tiles, M
 @pytest.mark.parametrize("dtype,m,k,n,bias", MATMUL_CASES)
 def test_matmul_rows_are_batch_invariant(interpreter, dtype, m, k, n, bias):
     _check_matmul(interpreter(matmul_case, dtype, m, k, n, bias), dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_rows_are_batch_invariant(interpreter, dtype):
+    r = interpreter(rmsnorm_case, dtype)
+    assert torch.equal(r["alone"], r["full"][r["probes"]])
 
 
 ATTENTION_CASES = [   # dtype, page_size, sliding_window, group
@@ -164,7 +171,7 @@ def _check_engine(result: dict, prompt_len: int) -> None:
     fingerprints = set()
     for chunk, r in result.items():
         assert r["backend"] == "TritonInvariantAttentionBackend" and r["linears"] == ["TritonInvariantLinear"]
-        alone, in_batch, scored = r["alone"], r["batch"][0], r["scored"]
+        alone, in_batch, scored = r["alone"], r["batch"][1], r["scored"]
         out = alone["meta_info"]["output_token_logprobs"]
         assert in_batch["output_ids"] == alone["output_ids"], f"chunk {chunk}: tokens differ in a batch"
         assert _bits(in_batch["meta_info"]["output_token_logprobs"]) == _bits(out), f"chunk {chunk}: batch"
@@ -178,11 +185,11 @@ def _check_engine(result: dict, prompt_len: int) -> None:
 
 @needs_interpreter
 def test_engine_is_batch_invariant_on_the_triton_backend(interpreter, tiny_model_dir):
-    """Deterministic mode with --attention-backend triton, interpreted, prefill chunks of 4 tokens: a request
+    """Deterministic mode with --attention-backend triton, interpreted, prefill chunks of 8 tokens: a request
     alone and among two others (its prompt then chunked at other places, beside other chunks and decodes)
     gets the same tokens and logprob bits, and its completion's prompt logprobs (prefilled) are the bits it
     was decoded with. (Chunk sizes and prefix hits at the kernel level: the attention tests above.)"""
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (9, 2, 6)]
-    result = interpreter(engine_case, tiny_model_dir("llama"), prompts, 3, (4,))
+    result = interpreter(engine_case, tiny_model_dir("llama"), prompts, 3, (8,))
     _check_engine(result, len(prompts[0]))

@@ -43,7 +43,8 @@ def block_n(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-@triton.jit
+# The page table's width varies per step: not specialised on, so every step runs one compiled kernel.
+@triton.jit(do_not_specialize=["stride_pb"])
 def _invariant_attention(
     Q, Out, KCache, VCache, PageTable, PrefixLens, ExtendLens, QStarts,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kct, stride_kch, stride_vct, stride_vch, stride_pb,

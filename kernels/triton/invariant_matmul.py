@@ -27,7 +27,9 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 
 
-@triton.jit
+# The row count varies per call: not specialised on (Triton compiles M = 1 and M % 16 == 0 apart otherwise),
+# so every M runs one compiled kernel.
+@triton.jit(do_not_specialize=["num_rows"])
 def _matmul(X, W, B, Out, num_rows, num_cols, depth, stride_xm, stride_wn, stride_om,
             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -10,8 +10,11 @@ code (tiling, masks, loop bounds, block order, the online-softmax recurrence), s
 them chooses the reduction from the batch: each output element is computed by the same sequence of tile
 operations whichever call it is in. It does not prove the GPU's bits: there tl.dot runs in numpy (BLAS, fp32
 operands, bf16 upcast), not on tensor cores, and the compiler's code (MMA layouts, fused FMAs, the order
-of tl.sum's tree) is not exercised. That a compiled tile computes a row the same wherever the row sits in it
-is what the `gpu` tests below check on CUDA, with the model end to end in tests/test_deterministic_gpu.py.
+of tl.sum's tree) is not exercised. Measured by mutation: a BLOCK_K chosen from M fails the fp32 matmul
+case here, but a BLOCK_M chosen from M passes (numpy computes each row alike whatever the tile height), as
+would anything else that only changes the GPU's instruction mix. That a compiled tile computes a row the
+same wherever the row sits, whatever the call's shape, is what the `gpu` tests below check on CUDA, with
+the model end to end in tests/test_deterministic_gpu.py.
 """
 
 from __future__ import annotations
@@ -78,18 +81,18 @@ def test_rmsnorm_rows_are_batch_invariant(interpreter, dtype):
     assert torch.equal(r["alone"], r["full"][r["probes"]])
 
 
-ATTENTION_CASES = [   # dtype, page_size, sliding_window, group
-    (torch.float32, 1, None, 3),
-    (torch.float32, 16, 24, 2),
-    (torch.float16, 16, None, 4),
-    (torch.bfloat16, 1, 20, 1),
+ATTENTION_CASES = [   # dtype, page_size, sliding_window, group, head_dim
+    (torch.float32, 1, None, 3, 16),
+    (torch.float32, 16, 24, 2, 24),
+    (torch.float16, 16, None, 4, 16),
+    (torch.bfloat16, 1, 20, 1, 16),
 ]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype,page_size,window,group", ATTENTION_CASES)
-def test_attention_is_the_same_prefilled_chunked_or_decoded(interpreter, dtype, page_size, window, group):
-    _check_attention(interpreter(attention_case, dtype, page_size, window, group), dtype)
+@pytest.mark.parametrize("dtype,page_size,window,group,head_dim", ATTENTION_CASES)
+def test_attention_is_the_same_prefilled_chunked_or_decoded(interpreter, dtype, page_size, window, group, head_dim):
+    _check_attention(interpreter(attention_case, dtype, page_size, window, group, head_dim), dtype)
 
 
 # --- compiled for an H100/H200 (sm_90), on CPU -----------------------------------------------------

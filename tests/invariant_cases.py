@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from triton_cases import NUM_SLOTS, _cache, scattered_page_table
+from triton_cases import NUM_SLOTS, scattered_page_table
+
+
+def paged_cache(gen: torch.Generator, table: torch.Tensor, seq_lens: list[int], kv_heads: int, head_dim: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[NUM_SLOTS + 1, Hkv, D]: random rows in the slots the table names, NaN in every other (a read of a
+    wrong slot shows), zeros in the pad slot (as in KVPool)."""
+    cache = torch.full((NUM_SLOTS + 1, kv_heads, head_dim), float("nan"))
+    for b, n in enumerate(seq_lens):
+        cache[table[b, :n]] = torch.randn(n, kv_heads, head_dim, generator=gen)
+    cache[NUM_SLOTS] = 0
+    return cache.to(dtype)
 
 
 def matmul_case(dtype: torch.dtype, m: int, k: int, n: int, bias: bool,
@@ -69,7 +80,7 @@ def attention_case(dtype: torch.dtype, page_size: int, window: int | None, group
     gen = torch.Generator().manual_seed(11 + group)
     kv_heads, seq_lens = 2, [70, 5, 40, 33, 1]
     table = scattered_page_table(gen, seq_lens, page_size)
-    k_cache, v_cache = (_cache(gen, table, seq_lens, kv_heads, head_dim, dtype) for _ in range(2))
+    k_cache, v_cache = (paged_cache(gen, table, seq_lens, kv_heads, head_dim, dtype) for _ in range(2))
     q = [torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype) for n in seq_lens]
     run = lambda layout: _attend(q, k_cache, v_cache, table, layout, 0.3, window, device)   # noqa: E731
     n = seq_lens[0]
@@ -112,4 +123,3 @@ def engine_case(model_path: str, prompts: list[list[int]], max_new_tokens: int,
     return result
 
 
-__all__ = ["matmul_case", "rmsnorm_case", "attention_case", "engine_case", "NUM_SLOTS"]

@@ -12,7 +12,11 @@ Parts (each recorded even when another fails):
 - workloads: GRPO-shaped rollouts (16 prompts x n 8, 64 new tokens) and a larger one (256 x n 8, 256 new)
   by the Engine with and without CUDA graphs and by transformers' generate on the same GPU, bf16;
 - weights: a tensor update and a broadcast (NCCL on CUDA) against their raw bounds
-  (benchmarks/gpu_check_weights.py).
+  (benchmarks/gpu_check_weights.py);
+- deterministic: the cost of --enable-deterministic-inference (the batch-invariant Triton kernels) on the
+  GRPO-shaped workload and a single stream, default mode and deterministic mode side by side, bf16
+  (benchmarks/deterministic_cost.py); its bitwise checks are the `gpu` tests of tests/test_deterministic_gpu.py
+  and tests/test_triton_invariant.py, in "tests".
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ import torch
 
 from benchmarks import gpu_check_generation as generation
 from benchmarks import gpu_check_weights as weights
+from benchmarks.deterministic_cost import deterministic_cost
 from benchmarks.gpu_check_models import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = ["tests/test_triton_attention.py", "tests/test_triton_kernels.py", "tests/test_cuda_graph.py",
-             "tests/test_weights_direct.py"]
+             "tests/test_weights_direct.py", "tests/test_triton_invariant.py", "tests/test_deterministic_gpu.py"]
 
 
 def run_tests(timeout: float) -> dict[str, Any]:
@@ -65,10 +70,12 @@ def _plan(device: str, tiny: bool) -> dict[str, Any]:
     if tiny:
         return {"models": ["tiny-llama", "tiny-qwen2"], "parity": (4, 12, 8),
                 "workloads": [(2, 12, 2, 8), (4, 12, 2, 16)], "workload_model": "tiny-llama",
+                "deterministic": [(2, 12, 2, 8), (1, 12, 1, 8)],
                 "engine": dict(max_total_tokens=4096, context_length=256, max_running_requests=16,
                                cuda_graph_max_bs=16), "transformers_max_tokens": 10**9, "weights_model": "tiny-qwen2"}
     return {"models": ["smollm2-135m", "qwen2.5-0.5b"], "parity": (8, 64, 32),
             "workloads": [(16, 100, 8, 64), (256, 100, 8, 256)], "workload_model": "smollm2-135m",
+            "deterministic": [(16, 100, 8, 64), (1, 100, 1, 64)],
             "engine": dict(max_total_tokens=400_000, context_length=1024, max_running_requests=512,
                            cuda_graph_max_bs=512, chunked_prefill_size=8192),
             "transformers_max_tokens": 10**9, "weights_model": "qwen2.5-0.5b"}
@@ -98,6 +105,9 @@ def check(device: str, tiny: bool, parts: set[str], folder: Path, test_timeout: 
         _part(results, f"workloads {plan['workload_model']}", lambda: generation.workloads(
             paths[plan["workload_model"]], device, "bfloat16", plan["workloads"], engine_args,
             plan["transformers_max_tokens"]))
+    if "deterministic" in parts:
+        _part(results, f"deterministic {plan['workload_model']}", lambda: deterministic_cost(
+            paths[plan["workload_model"]], device, "bfloat16", plan["deterministic"], engine_args))
     if "weights" in parts:
         m = plan["weights_model"]
         _part(results, f"tensor update {m}", lambda: weights.tensor_update(paths[m], device, "bfloat16"))
@@ -133,6 +143,15 @@ def summary(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                     rows.append((f"{wl}: ours / transformers", f"{g / hf:.2f}x", ">= 5x"))
                 if g and ng:
                     rows.append((f"{wl}: graphs / no graphs", f"{g / ng:.2f}x", ">= 1.5x"))
+        elif name.startswith("deterministic"):
+            for w in r:
+                figure = f"{w['tokens_per_s']:10.0f} tok/s ({w['seconds']:.2f} s)"
+                if "time_ratio" in w:
+                    figure += f", {w['time_ratio']:.2f}x the default's time"
+                if "repeatable" in w:
+                    figure += f", repeatable {w['repeatable']}"
+                rows.append((f"{name} {w['workload']}: {w['system']}", figure,
+                             "<= 1.30x time" if "time_ratio" in w else ""))
         elif name.startswith("tensor update"):
             rows.append((name, f"{r['update_s']:.4f} s vs raw copy {r['raw_copy_s']:.4f} s ({r['ratio']:.2f}x), "
                          f"{r['bytes'] / 2**20:.0f} MiB, landed {r['landed']}", "<= 0.1 s (0.5B)"))
@@ -147,10 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: checks the driver, not the GPU path")
-    parser.add_argument("--parts", default="tests,parity,workloads,weights")
+    parser.add_argument("--parts", default="tests,parity,workloads,deterministic,weights")
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--models-dir", default=None, help="where the seeded models are saved (default: a temp dir)")
-    parser.add_argument("--test-timeout", type=float, default=240)
+    parser.add_argument("--test-timeout", type=float, default=300)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -60,7 +60,7 @@ class ModelRunner:
         backend_name = args.attention_backend
         if args.enable_deterministic_inference:
             from runtime.deterministic import make_batch_invariant
-            backend_name = make_batch_invariant(model, self.device)
+            backend_name = make_batch_invariant(model, self.device, args.attention_backend)
         self.backend = create_attention_backend(backend_name, self.kv_pool)
         # MoE models: every step records its routing beside the KV it writes (for routed experts and the
         # expert distribution record); dense models record nothing.

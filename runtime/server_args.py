@@ -85,11 +85,11 @@ class ServerArgs:
                              f"{self.weight_update_receive!r}.")
         if self.deterministic or self.enable_deterministic_inference:
             self.deterministic = self.enable_deterministic_inference = True
-            # Only the CPU torch path has batch-invariant kernels; refusing beats a silent broken promise.
-            if torch.device(self.device).type != "cpu":
-                raise ValueError(f"enable_deterministic_inference is implemented on the CPU torch path only, "
-                                 f"not on device {self.device!r} (the Triton kernels are not batch-invariant "
-                                 f"yet).")
+            # Batch-invariant kernels exist for CPU (torch) and CUDA (Triton); elsewhere refusing beats a
+            # silent broken promise. (Imported here: the mode's kernels are not needed to parse arguments.)
+            from runtime.deterministic import check_supported
+
+            check_supported(torch.device(self.device), attention_backend=self.attention_backend)
 
     @property
     def chunked_prefill(self) -> bool:

@@ -95,8 +95,18 @@ def test_flag_and_alias():
         args = parse_args([flag, "--device", "cpu"])
         assert args.enable_deterministic_inference and args.deterministic
     assert not parse_args(["--device", "cpu"]).enable_deterministic_inference
-    with pytest.raises(ValueError, match="CPU torch path only"):
-        ServerArgs(device="cuda", deterministic=True)
+    # CUDA runs the mode on the Triton kernels (tests/test_deterministic_gpu.py); other devices are refused.
+    from kernels.implementation import triton_installed
+
+    if triton_installed():
+        assert ServerArgs(device="cuda", deterministic=True).enable_deterministic_inference
+        with pytest.raises(ValueError, match="Triton's interpreter"):   # CPU tensors, Triton, no interpreter
+            ServerArgs(device="cpu", deterministic=True, attention_backend="triton")
+    else:
+        with pytest.raises(ValueError, match="triton package is not installed"):
+            ServerArgs(device="cuda", deterministic=True)
+    with pytest.raises(ValueError, match="not on device mps"):
+        ServerArgs(device="mps", deterministic=True)
 
 
 def test_mixture_of_experts_is_refused(tiny_model_dir):

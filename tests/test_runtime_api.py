@@ -48,7 +48,7 @@ def test_every_registry_entry_resolves():
         get_model_class(["BertModel"])
     pool = KVPool(1, 8, 1, 4, torch.float32, "cpu")
     assert type(create_attention_backend("torch", pool)).__name__ == "TorchAttentionBackend"
-    with pytest.raises(ValueError, match=r"Unknown attention backend 'nope'; available: \['batch_invariant', 'flashinfer', 'torch', 'triton'\]"):
+    with pytest.raises(ValueError, match=r"Unknown attention backend 'nope'; available: \['batch_invariant', 'flashinfer', 'torch', 'triton', 'triton_invariant'\]"):
         create_attention_backend("nope", pool)
 
 

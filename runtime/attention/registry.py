@@ -16,8 +16,9 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "torch": "runtime.attention.torch_backend:TorchAttentionBackend",
     "triton": "runtime.attention.triton_backend:TritonAttentionBackend",
     "flashinfer": "runtime.attention.flashinfer_backend:FlashInferAttentionBackend",
-    # --enable-deterministic-inference picks it (runtime/deterministic.py); CPU only.
+    # --enable-deterministic-inference picks one of these (runtime/deterministic.py): CPU torch, Triton.
     "batch_invariant": "runtime.attention.batch_invariant_backend:BatchInvariantAttentionBackend",
+    "triton_invariant": "runtime.attention.triton_invariant_backend:TritonInvariantAttentionBackend",
 }
 
 

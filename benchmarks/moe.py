@@ -7,8 +7,10 @@ own initialization from a fixed seed and saved once under --model-dir.
 
 Workload (GRPO-shaped, as benchmarks of the dense model): P prompts of about L tokens, n samples each,
 T new tokens, temperature 1, ignore_eos; transformers gets the same batch left-padded with
-num_return_sequences=n. Both run in this process on the same device and dtype (the Engine's: fp32 on the
-CPU, bf16 on a GPU). Prints tokens/s of each and the ratio (ours / transformers).
+num_return_sequences=n, once per experts implementation: `grouped_mm` (transformers' default since v5, one
+grouped GEMM over the experts) and `eager` (its Python loop over the experts, the baseline issue 14 names).
+All run in this process on the same device and dtype (the Engine's: fp32 on the CPU, bf16 on a GPU). Prints
+tokens/s of each and the ratios (ours / each).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default=None, help="default: the Engine's (cuda when present)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--transformers-experts", default="grouped_mm,eager",
+                        help="transformers' experts implementations to run (its default since v5 is grouped_mm: "
+                             "torch's grouped GEMM; eager is its Python loop over the experts)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -74,9 +79,14 @@ def main() -> None:
     del engine
 
     if not args.skip_transformers:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        run_transformers(model, warm, 1, 4, 0.0, 0)
-        results.append(run_transformers(model, prompts, args.n, args.new_tokens, 1.0, 0))
+        for experts in args.transformers_experts.split(","):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=experts)
+            model = model.to(device).eval()
+            run_transformers(model, warm, 1, 4, 0.0, 0)
+            result = run_transformers(model, prompts, args.n, args.new_tokens, 1.0, 0)
+            result.system = f"transformers ({experts})"
+            results.append(result)
+            del model
     for r in results:
         r.workload = name
 
@@ -84,8 +94,8 @@ def main() -> None:
     print(f"{'workload':<58} {'system':<24} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for r in results:
         print(f"{r.workload:<58} {r.system:<24} {r.new_tokens:>7} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f}")
-    if len(results) == 2:
-        print(f"ratio ours/transformers, {name}: {results[0].tokens_per_s / results[1].tokens_per_s:.2f}x")
+    for r in results[1:]:
+        print(f"ratio ours/{r.system}, {name}: {results[0].tokens_per_s / r.tokens_per_s:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results], f, indent=1)

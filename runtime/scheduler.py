@@ -30,10 +30,13 @@ from runtime.prompt_logprobs import record_prompt_logprobs
 from runtime.request import Request, RequestStatus
 from runtime.sampler import Sampler
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler_base import SchedulerBase
+from runtime.scheduler_base import SchedulerBase, abort_reason
 from runtime.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
+
+NON_FINITE_LOGITS = ("The model's logits for the next token are not finite (NaN or Inf): the weights overflow on "
+                     "this input, so no token was sampled. Check the last weight update.")
 
 
 class Scheduler(SchedulerBase):
@@ -202,6 +205,11 @@ class Scheduler(SchedulerBase):
         row_ids = [r for _, r in todo]
         # Usually every logits row samples, in order: skip the [R, vocab] gather then.
         rows = logits if row_ids == list(range(logits.shape[0])) else logits[torch.tensor(row_ids, device=logits.device)]
+        finite = torch.isfinite(rows).all(dim=-1)
+        if not bool(finite.all()):
+            reqs, rows = self._drop_non_finite(reqs, rows, finite)
+            if not reqs:
+                return
         want_support = [r.return_sampling_mask for r in reqs]
         out = self.sampler.sample(rows, reqs, [r.return_logprob for r in reqs], [r.top_logprobs_num for r in reqs],
                                   [r.token_ids_logprob for r in reqs],
@@ -220,6 +228,18 @@ class Scheduler(SchedulerBase):
             if req.return_sampling_mask:
                 req.output_sampling_masks.append(out.sampling_masks[j])
             req.finish_reason = self.finish_checker.check(req, token)
+
+    @staticmethod
+    def _drop_non_finite(reqs: list[Request], rows: torch.Tensor,
+                         finite: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """Rows whose logits hold NaN or Inf sample nothing: a token drawn from them would be garbage with
+        a NaN logprob, which a trainer would take for real. Their requests end with an abort naming why."""
+        keep = finite.tolist()
+        for req, ok in zip(reqs, keep):
+            if not ok:
+                logger.error("Request %s: non-finite logits at output position %d", req.rid, len(req.output_ids))
+                req.finish_reason = abort_reason(NON_FINITE_LOGITS, 500)
+        return [r for r, ok in zip(reqs, keep) if ok], rows[finite]
 
     def _finish(self, req: Request) -> None:
         if req.return_routed_experts:

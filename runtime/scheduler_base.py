@@ -70,7 +70,7 @@ class SchedulerBase(ABC):
                  status_code: int | None = None) -> RequestOutput:
         return RequestOutput(rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids), cached_tokens=0,
                              weight_version=self.weight_version, finished=True,
-                             finish_reason=_abort_reason(message, status_code))
+                             finish_reason=abort_reason(message, status_code))
 
     def abort(self, rid: str = "", abort_all: bool = False, message: str = ABORTED_BY_CLIENT, *,
               rids: list[str] | None = None, status_code: int | None = None) -> list[RequestOutput]:
@@ -84,7 +84,7 @@ class SchedulerBase(ABC):
             req = self.requests.get(r)  # gone: finished already, or named twice
             if req is None:
                 continue
-            req.finish_reason = _abort_reason(message, status_code)
+            req.finish_reason = abort_reason(message, status_code)
             self._finish(req)
             outputs.append(self._output(req))
         return outputs
@@ -165,7 +165,7 @@ class SchedulerBase(ABC):
         """The request's output since the last one sent."""
 
 
-def _abort_reason(message: str, status_code: int | None) -> dict:
+def abort_reason(message: str, status_code: int | None) -> dict:
     reason: dict = {"type": "abort", "message": message}
     if status_code is not None:
         reason["status_code"] = status_code

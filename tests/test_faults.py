@@ -7,6 +7,7 @@ serving (never a mix), and never a dead or silent engine.
 - a checkpoint truncated and rewritten while /update_weights_from_disk reads it: 200 or a 400 naming the
   file, the engine alive, generation exact afterwards (with mmap reads the engine died of SIGBUS);
 - NaN weights (tensor payload, broadcast) and digests that do not match: 400, the old weights serving;
+- finite weights that overflow (NaN logits): the request ends with an error naming it, no garbage token;
 - a join to a master nobody runs: generation keeps flowing (< 1 s per request) during the join;
 - the engine SIGKILLed: in-flight requests answer 503 naming the signal, /health fails, the server exits 1;
 - SIGTERM under load: every in-flight request answered, exit 0.
@@ -138,6 +139,23 @@ def test_nan_tensor_payload_and_bad_digest_are_400(server, ckpt):
     assert r.status_code == 400 and "digests['x'] must be a CRC-32" in r.json()["error"]["message"]
     r = server.post("/update_weights_from_tensor", json={"serialized_named_tensors": payload, "digests": digests})
     assert r.status_code == 200, r.text
+    assert _greedy(server) == before
+
+
+def test_weights_that_overflow_end_requests_with_a_clear_error(server, ckpt):
+    # Finite weights pass the finiteness check yet can overflow in the forward pass: the logits are NaN and
+    # a token drawn from them would be garbage with a NaN logprob. The request ends with the reason instead.
+    _restore(server, ckpt)
+    before = _greedy(server)
+    huge = [(n, t.clone().fill_(3e37)) for n, t in iterate_checkpoint(ckpt) if n.endswith("norm.weight")]
+    r = server.post("/update_weights_from_tensor", json={"serialized_named_tensors": [encode_named_tensors(huge)]})
+    assert r.status_code == 200, r.text
+    for body in (GREEDY, {**GREEDY, "sampling_params": {"max_new_tokens": 3}, "return_logprob": True, "stream": True}):
+        r = server.post("/generate", json=body)
+        text = r.text
+        assert r.status_code == 500 or "error" in text, text[:300]
+        assert "logits for the next token are not finite (NaN or Inf)" in text and "NaN," not in text, text[:300]
+    _restore(server, ckpt)
     assert _greedy(server) == before
 
 

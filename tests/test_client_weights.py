@@ -64,3 +64,29 @@ def test_pause_and_continue(setup) -> None:
     assert all(r.success for r in c.pause_generation("retract"))
     assert all(r.success for r in c.continue_generation())
     assert c.generate([[7, 8]], {"max_new_tokens": 2})[0][0].completion_tokens == 2
+
+
+def test_update_from_tensor_in_buckets(setup) -> None:
+    c, d0, d1 = setup
+    named = [(n, t * 0.75) for n, t in iterate_checkpoint(d1)]
+    replies = c.update_weights_from_tensor(named, weight_version="tensor-1", verify=True,
+                                           bucket_bytes=200_000)  # several requests per server
+    assert all(r.success for r in replies) and len(replies) == 2
+    assert [i["weight_version"] for i in c.model_info()] == ["tensor-1", "tensor-1"]
+    c.verify_weights(named)  # every server holds the new values, read back by name
+    groups = c.generate([[1, 2, 3]], {"max_new_tokens": 3}, n=2, return_logprob=True)
+    assert {v for g in groups for r in g for v in r.output_weight_versions} == {"tensor-1"}
+    # A refused bucket after accepted ones: the servers stay paused (never serving the mix) until a good update.
+    bad = [(n, t.clone()) for n, t in named]
+    bad[-1][1].view(-1)[0] = float("nan")
+    with pytest.raises(WeightUpdateError, match="non-finite") as err:
+        c.update_weights_from_tensor(bad, weight_version="tensor-2", bucket_bytes=200_000)
+    assert "hold a mix of old and new weights and stay paused" in str(err.value) and len(err.value.results) == 2
+    assert all(i["internal_states"][0]["paused"] for i in c.server_info())
+    c.update_weights_from_disk(d0, weight_version="disk-0", pause=None)
+    c.continue_generation()
+    assert c.generate([[7, 8]], {"max_new_tokens": 2})[0][0].completion_tokens == 2
+    # Refused at its first bucket: nothing changed, generation continues.
+    with pytest.raises(WeightUpdateError, match="does not match its digest|non-finite"):
+        c.update_weights_from_tensor(bad[-1:], bucket_bytes=200_000)
+    assert not any(i["internal_states"][0]["paused"] for i in c.server_info())

@@ -37,12 +37,12 @@ from rollout.client.results import EncodeResult, GenerateResult, ServerReply
 from rollout.client.retry_policy import NO_RETRY, RetryPolicy
 from rollout.client.router import discover_workers
 from rollout.client.server_connection import ServerConnection
-from rollout.client.weight_updates import WeightUpdateMixin
+from rollout.client.tensor_updates import TensorUpdateMixin
 
 DOWN_S = 2.0  # a server that refused a connection is avoided this long while others are up
 
 
-class AsyncRolloutClient(WeightUpdateMixin):
+class AsyncRolloutClient(TensorUpdateMixin):
     def __init__(self, urls: str | Sequence[str], *, workers: Sequence[str] | None = None,
                  api_key: str | None = None, max_concurrency: int = 64, timeout: float | None = 600.0,
                  connect_timeout: float = 5.0, retry: RetryPolicy = RetryPolicy(), progress_min: int = 256):

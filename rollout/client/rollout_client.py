@@ -133,6 +133,10 @@ class RolloutClient:
         """See AsyncRolloutClient.update_weights_from_disk (weight_version, flush_cache, pause, verify)."""
         return self._run(self.aio.update_weights_from_disk(model_path, **kwargs))
 
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]], **kwargs: Any) -> list[ServerReply]:
+        """See AsyncRolloutClient.update_weights_from_tensor (weight_version, bucket_bytes, pause, verify)."""
+        return self._run(self.aio.update_weights_from_tensor(named_tensors, **kwargs))
+
     def init_weights_update_group(self, master_address: str = "127.0.0.1", master_port: int | None = None,
                                   **kwargs: Any) -> BroadcastGroup:
         return self._run(self.aio.init_weights_update_group(master_address, master_port, **kwargs))

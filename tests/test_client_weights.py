@@ -1,5 +1,7 @@
-"""Weight updates through the client on two live tiny servers: from disk and by one broadcast to both,
-with verification, versions (per token too), and refused updates surfaced with the servers' messages."""
+"""Weight updates through the client on two live tiny servers (one receiving broadcasts directly into its
+weights, one buffered): from disk, by one broadcast to both and as tensors over HTTP, with verification,
+versions (per token too), refused updates surfaced with the servers' messages, and a refused bucket after
+accepted ones leaving the servers paused rather than serving a mix."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ pytestmark = pytest.mark.timeout(180)
 def setup(tmp_path_factory: pytest.TempPathFactory):
     d0 = make_tiny_model_dir(tmp_path_factory.mktemp("w0"), seed=0)
     d1 = make_tiny_model_dir(tmp_path_factory.mktemp("w1"), seed=1)
-    servers = [LocalServer(d0, num_threads=1, device="cpu", dtype="float32").spawn() for _ in range(2)]
+    # One server receives broadcasts straight into its weights, the other into a buffer first.
+    servers = [LocalServer(d0, num_threads=1, device="cpu", dtype="float32", weight_update_receive=mode).spawn()
+               for mode in ("direct", "buffered")]
     try:
         for s in servers:
             s.wait_until_ready(180)
@@ -54,6 +58,15 @@ def test_one_broadcast_updates_both_servers(setup) -> None:
         first = named[0]
         with pytest.raises(WeightUpdateError, match="max \\|difference\\|"):
             c.verify_weights([(first[0], first[1] + 1)])
+        # A bucket refused after accepted ones (NaN in the last tensor): the servers stay paused.
+        bad = [(n, t.clone()) for n, t in named]
+        bad[-1][1].view(-1)[0] = float("nan")
+        with pytest.raises(WeightUpdateError, match="hold a mix of old and new weights and stay paused"):
+            c.update_weights_from_distributed(group, bad, weight_version="bc-2", bucket_bytes=200_000)
+        assert all(i["internal_states"][0]["paused"] for i in c.server_info())
+        c.update_weights_from_disk(d0, weight_version="disk-0", pause=None)
+        c.continue_generation()
+        assert c.generate([[7, 8]], {"max_new_tokens": 2})[0][0].completion_tokens == 2
     finally:
         c.destroy_weights_update_group(group)
     assert group.destroyed

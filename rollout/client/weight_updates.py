@@ -243,7 +243,10 @@ class WeightUpdateMixin:
                                        "/update_weights_from_distributed", body)
             pending.append(asyncio.run_coroutine_threadsafe(coro, loop))  # type: ignore[arg-type]
 
-        async with self.paused(pause):
+        if pause is not None:
+            await self.pause_generation(pause)
+        mixed = False
+        try:
             try:
                 if load_format is None:
                     await loop.run_in_executor(None, sender.send_tensors, named, announce_all)
@@ -251,9 +254,20 @@ class WeightUpdateMixin:
                     await loop.run_in_executor(None, sender.send_buckets, named, announce)
             finally:
                 results = [await _wait(p, raise_errors=False) for p in pending]
-            for r in results:
+            for k, r in enumerate(results):
+                if isinstance(r, WeightUpdateError) and k > 0 and pause is not None:
+                    # Earlier buckets are in (a server that received into its weights says so itself; one
+                    # that buffers refused only this bucket): continuing would serve a mix.
+                    mixed = True
+                    raise WeightUpdateError(f"update_weights_from_distributed (bucket {k + 1}/{len(results)}), "
+                                            f"after {k} bucket(s) were applied: the servers hold a mix of old and "
+                                            "new weights and stay paused; send a complete update, then call "
+                                            "continue_generation(). The bucket", r.results) from None
                 if isinstance(r, BaseException):
                     raise r
+        finally:
+            if pause is not None and not mixed:
+                await self.continue_generation()
         if verify:
             chosen = set(_pick([n for n, _ in named]) if verify is True else verify)
             await self.verify_weights([(n, t) for n, t in named if n in chosen])

@@ -196,11 +196,14 @@ class UpdateWeightsFromTensorReq(msgspec.Struct, tag=True, kw_only=True):
     """Over the wire: base64 safetensors payloads (sync.safetensors_payload), never pickle."""
 
     id: int
+    # base64 text. From the HTTP server the list is empty on the wire: the payloads travel as the frames
+    # after this message's, uncopied, and the engine puts views of their text here (rollout/server/ipc.py).
     serialized_named_tensors: list[str]
     load_format: str | None = None
     weight_version: str | None = None
     flush_cache: bool = True
     digests: dict[str, int] | None = None  # CRC-32 per HF name (sync.checksum), verified before applying
+    attached_payloads: int = 0  # how many frames after the message frame are this message's payloads
 
 
 class UpdateWeightsFromLocalTensorsReq(msgspec.Struct, tag=True, kw_only=True):

@@ -38,13 +38,14 @@ def encode_named_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(save(tensors, metadata={_ORDER_KEY: json.dumps(list(tensors))})).decode("ascii")
 
 
-def decode_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
+def decode_named_tensors(payload: str | bytes | memoryview) -> list[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) in the order they were encoded; raises WeightUpdateError on anything else.
 
     The tensors are read-only views into the decoded bytes (one buffer, freed whole with the last of them)."""
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
+        # binascii reads str (ASCII) and buffers in place; base64.b64decode would copy either first.
+        raw = binascii.a2b_base64(payload, strict_mode=True)
+    except (binascii.Error, ValueError, TypeError) as e:
         raise WeightUpdateError(f"Tensor payload is not valid base64: {e}") from None
     # A pickle (protocol 2+) starts with 0x80; so does a safetensors payload whose JSON header is 128 bytes
     # long (its 8-byte length, then "{"). Either way nothing here runs code: the bytes are only parsed.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -256,13 +256,20 @@ class EngineClient:
                 return result
             await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
 
-    async def control(self, message_cls: type, wait_s: float, /, **fields: Any) -> ControlResult:
-        """Send a weight-update or generation-control message; its ControlResult, in queue order."""
+    async def control(self, message_cls: type, wait_s: float, /, attachments: Sequence[Any] = (),
+                      **fields: Any) -> ControlResult:
+        """Send a weight-update or generation-control message (with its `attachments`: see EngineLink.send);
+        its ControlResult, in queue order."""
         self.check_available()
-        return await self.controls.request(message_cls, wait_s, **fields)
+        return await self.controls.request(message_cls, wait_s, attachments, **fields)
 
     async def health(self, timeout: float) -> None:
         self.check_available()
+        if self.controls.working():
+            # The engine process is alive (checked above) and applying work we sent, such as a weight
+            # update: its loop answers nothing until that is done, and a health check that waited for it
+            # would report a busy server as a dead one.
+            return
         result = await self.controls.request(HealthCheckRequest, timeout)
         if result.error is not None:
             self.status.on_health_error(result.error)

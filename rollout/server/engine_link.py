@@ -4,7 +4,7 @@ is rollout/server/ipc.py's)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import zmq
 import zmq.asyncio
@@ -30,8 +30,13 @@ class EngineLink:
         self._pull = configure(self._ctx.socket(zmq.PULL))
         self._pull.bind(addresses.from_engine)
 
-    def send(self, messages: list) -> None:
-        self._push.send(self._in_codec.encode(messages), copy=False)
+    def send(self, messages: list, attachments: Sequence[Any] = ()) -> None:
+        """`attachments`: buffers sent uncopied as the frames after the messages' (see ipc.InputCodec)."""
+        frame = self._in_codec.encode(messages)
+        if attachments:
+            self._push.send_multipart([frame, *attachments], copy=False)
+        else:
+            self._push.send(frame, copy=False)
 
     async def receive(self) -> AsyncIterator[list[Any]]:
         """The engine's frames, decoded, forever (an undecodable frame is logged and dropped)."""

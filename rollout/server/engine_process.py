@@ -99,13 +99,14 @@ def run_engine(args: ServerArgs, addresses: IpcAddresses, parent_pid: int) -> No
                 return messages
         while True:
             try:
-                frame = pull.recv(zmq.NOBLOCK, copy=True)
+                # Uncopied frames: a weight payload rides as its own frame of hundreds of megabytes.
+                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return messages
             try:
-                messages += in_codec.decode(frame)
+                messages += in_codec.decode_frames(frames)
             except Exception:  # a frame we cannot read is our own bug; log it, keep serving
-                logger.exception("Dropped an undecodable frame of %d bytes", len(frame))
+                logger.exception("Dropped an undecodable message of %d frames", len(frames))
 
     def send(outputs: list) -> None:
         push.send(out_codec.encode(outputs), copy=False)

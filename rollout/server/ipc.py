@@ -9,6 +9,7 @@ the engine process connects.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +40,39 @@ class InputCodec:
 
     def decode(self, frame: bytes) -> list:
         return self.decoder.decode(frame)
+
+    def decode_frames(self, frames: list) -> list:
+        """A multipart message: the message frame, then the payload frames of the messages that declare
+        `attached_payloads` (in message order), handed over as buffers, uncopied."""
+        messages = self.decoder.decode(frames[0])
+        rest = frames[1:]
+        for msg in messages:
+            n = getattr(msg, "attached_payloads", 0)
+            if n:
+                if n > len(rest):
+                    raise ValueError(f"A message declares {n} attached payloads; {len(rest)} frames are left.")
+                msg.serialized_named_tensors = [json_string_body(_buffer(f)) for f in rest[:n]]
+                rest = rest[n:]
+        if rest:
+            raise ValueError(f"{len(rest)} frames attached to no message.")
+        return messages
+
+
+def _buffer(frame: object) -> bytes | memoryview:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame  # type: ignore[return-value]
+
+
+def json_string_body(literal: bytes | memoryview) -> str | memoryview:
+    """The text of a JSON string literal (quotes included, as the HTTP process cut it from its request body,
+    syntax checked there): a view between the quotes when it has no escapes (base64 never needs one), else
+    the decoded string."""
+    view = memoryview(literal)
+    if len(view) >= 2 and view[0] == view[-1] == ord('"') and not _ESCAPE.search(view):
+        return view[1:-1]
+    return msgspec.json.decode(view, type=str)
+
+
+_ESCAPE = re.compile(rb"\\")
 
 
 class OutputCodec:

@@ -38,17 +38,23 @@ def parse_json_body(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
         if allow_empty:
             return {}
         raise BadRequest("The request body is empty; expected a JSON object.")
+    obj = decode_json(body)
+    if not isinstance(obj, dict):
+        raise BadRequest(f"The request body must be a JSON object, got {type(obj).__name__}: {short(obj)}.")
+    return obj
+
+
+def decode_json(text: bytes) -> Any:
+    """Any JSON value; BadRequest on bad syntax or nesting deeper than MAX_JSON_DEPTH."""
     try:
-        obj = _json_decoder.decode(body)
+        obj = _json_decoder.decode(text)
     except msgspec.MsgspecError as e:  # syntax, or a number beyond float range (1e999)
         raise BadRequest(f"The request body is not valid JSON: {e}.") from None
     except RecursionError:
         raise BadRequest(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).") from None
     # A body with fewer brackets than the limit cannot be too deep: only walk the rest.
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(obj) > MAX_JSON_DEPTH:
+    if text.count(b"[") + text.count(b"{") > MAX_JSON_DEPTH and json_depth(obj) > MAX_JSON_DEPTH:
         raise BadRequest(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels).")
-    if not isinstance(obj, dict):
-        raise BadRequest(f"The request body must be a JSON object, got {type(obj).__name__}: {short(obj)}.")
     return obj
 
 

@@ -16,10 +16,10 @@ from starlette.responses import Response
 from rollout.server.engine_client import EngineClient
 from rollout.server.responses import error_response, json_response
 from rollout.server.schemas import parse_json_body
+from rollout.server.tensor_update_body import parse_tensor_update_body
 from rollout.server.weight_schemas import (parse_destroy_group, parse_get_weights, parse_init_group,
                                            parse_memory_tags, parse_pause, parse_update_from_disk,
-                                           parse_update_from_distributed, parse_update_from_tensor,
-                                           parse_update_weight_version)
+                                           parse_update_from_distributed, parse_update_weight_version)
 from runtime.messages import (ContinueGenerationReq, ControlResult, DestroyWeightsUpdateGroupReq,
                               GetWeightsByNameReq, InitWeightsUpdateGroupReq, PauseGenerationReq, ReleaseMemoryReq,
                               ResumeMemoryReq, UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq,
@@ -55,6 +55,13 @@ def add_weight_routes(app: FastAPI, engine_client: EngineClient) -> None:
         if result.success:
             engine_client.model_path = fields["model_path"]
         return answer(result)
+
+    async def update_from_tensor(request: Request) -> Response:
+        # The body as the limits middleware delivered it (one buffer): Request.body() would join a copy.
+        chunks = [chunk async for chunk in request.stream() if chunk]
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        fields, payloads = parse_tensor_update_body(body, dict(request.query_params))
+        return answer(await engine_client.control(UpdateWeightsFromTensorReq, DISK_TIMEOUT_S, payloads, **fields))
 
     async def init_group(request: Request) -> Response:
         fields = parse_init_group(await body_of(request))
@@ -101,8 +108,7 @@ def add_weight_routes(app: FastAPI, engine_client: EngineClient) -> None:
         ("/init_weights_update_group", init_group, ["POST"]),
         ("/update_weights_from_distributed", update_from_distributed, ["POST"]),
         ("/destroy_weights_update_group", destroy_group, ["POST"]),
-        ("/update_weights_from_tensor", plain(parse_update_from_tensor, UpdateWeightsFromTensorReq, DISK_TIMEOUT_S),
-         ["POST"]),
+        ("/update_weights_from_tensor", update_from_tensor, ["POST"]),
         ("/get_weights_by_name", get_weights_by_name, ["GET", "POST"]),
         ("/update_weight_version", update_weight_version, ["POST"]),
         ("/pause_generation", plain(parse_pause, PauseGenerationReq, CONTROL_TIMEOUT_S), ["POST"]),

@@ -9,6 +9,7 @@ serving (never a mix), and never a dead or silent engine.
 - NaN weights (tensor payload, broadcast) and digests that do not match: 400, the old weights serving;
 - finite weights that overflow (NaN logits): the request ends with an error naming it, no garbage token;
 - a join to a master nobody runs: generation keeps flowing (< 1 s per request) during the join;
+- /health answers at once while the engine applies an update (here one waiting 3 s for its bytes);
 - the engine SIGKILLed: in-flight requests answer 503 naming the signal, /health fails, the server exits 1;
 - SIGTERM under load: every in-flight request answered, exit 0.
 """
@@ -193,6 +194,47 @@ def test_checkpoint_rewritten_during_disk_updates(server, ckpt, tmp_path):
     assert 400 in statuses, statuses
     assert server.get("/health").status_code == 200
     assert server.post("/update_weights_from_disk", json={"model_path": str(path)}).status_code == 200
+
+
+def test_health_answers_while_an_update_waits_for_its_bytes(server, ckpt):
+    # The engine answers nothing while it applies an update; /health asked it anyway and waited (a 684 MB
+    # tensor update kept it waiting seconds). Here the update waits on the trainer for 3 s.
+    from sync import WeightSender, init_custom_process_group, tcp_init_method
+
+    port, box, name = free_port(), {}, f"slow-{server.mode}"  # a group name is taken for this process's life
+    join = threading.Thread(target=lambda: box.setdefault("join", server.post("/init_weights_update_group", json={
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2, "backend": "gloo",
+        "group_name": name, "timeout": 30})))
+    join.start()
+    group = init_custom_process_group("gloo", tcp_init_method("127.0.0.1", port), 2, 0, name, timeout=30)
+    join.join()
+    assert box["join"].status_code == 200, box["join"].text
+    named = list(iterate_checkpoint(ckpt))
+    waits: list[float] = []
+
+    def announce(meta) -> None:
+        body = {"names": meta.names, "dtypes": meta.dtypes, "shapes": meta.shapes, "group_name": name,
+                "load_format": "flattened_bucket", "weight_version": "slow"}
+        post = threading.Thread(target=lambda: box.setdefault("update", server.post(
+            "/update_weights_from_distributed", json=body)))
+        post.start()
+        box["post"] = post
+        end = time.monotonic() + 3.0  # the bytes go out when this returns
+        while time.monotonic() < end:
+            start = time.monotonic()
+            assert server.get("/health").status_code == 200
+            waits.append(time.monotonic() - start)
+            time.sleep(0.05)
+
+    try:
+        WeightSender(group, bucket_bytes=1 << 30).send_buckets(named, on_bucket=announce)
+        box["post"].join(60)
+        assert box["update"].status_code == 200, box["update"].text
+        assert len(waits) > 10 and max(waits) < 1.0, waits
+        assert server.get("/get_server_info").json()["weight_version"] == "slow"
+    finally:
+        server.post("/destroy_weights_update_group", json={"group_name": name})
+    _restore(server, ckpt)
 
 
 def test_join_to_nobody_does_not_stall_generation(server):

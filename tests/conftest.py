@@ -102,6 +102,22 @@ def checkpoints(tiny_model_dir: Callable[..., str]) -> dict[str, str]:
             "wide": tiny_model_dir("llama", intermediate_size=96)}
 
 
+@pytest.fixture(scope="session")
+def minilm_server():
+    """all-MiniLM-L6-v2 served with --is-embedding (tests/scoring_models.py's minilm_path), started once for
+    the modules that only read from it (test_openai_routes, test_scoring_real_models): a start is seconds
+    of the suite. Tests must not change its state (weights, version, pause); it must exit 0 at the end."""
+    from tests.helpers import ServerProcess
+    from tests.scoring_models import minilm_path
+
+    server = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", minilm_path(), "--is-embedding",
+                            "--log-level", "warning"]).start(timeout=300)
+    try:
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, f"server exited with {code}:\n{server.log()}"
+
 
 def _triton_process(interpret: bool):
     import importlib.util

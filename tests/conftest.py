@@ -14,6 +14,10 @@ Two keyword-only knobs are not config fields: `seed` (default 0) and `init_std` 
 are drawn from N(0, init_std) and norm weights from 1 + N(0, init_std), instead of transformers' tiny
 default init (std 0.02, zero biases, unit norms), so logits are far from flat and a wrong bias, norm or
 rotary shows up as a large difference.
+
+Servers that several modules only read from are started once per session here (`minilm_server`,
+`scoring_rm_server` / `scoring_lm_server`): each start costs seconds. A test that changes a server's state
+(weights, weight_version, pause, memory) starts its own.
 """
 
 from __future__ import annotations
@@ -117,6 +121,55 @@ def minilm_server():
     finally:
         code = server.stop()
     assert code == 0, f"server exited with {code}:\n{server.log()}"
+
+
+# The tiny scoring pair, served once for test_scoring_server and test_client_scoring (which only read from
+# them: no weight update, version change or pause; a test that needs to change state starts its own server).
+@pytest.fixture(scope="session")
+def scoring_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer (tests/helpers.py), context 512."""
+    from tests.helpers import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-lm"), context_length=512)
+
+
+@pytest.fixture(scope="session")
+def scoring_rm_dir(scoring_lm_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """scoring_lm_dir as a reward model (LlamaForSequenceClassification with a seeded head)."""
+    from tests.scoring_models import make_reward_model_dir
+
+    return make_reward_model_dir(tmp_path_factory.mktemp("tiny-rm"), scoring_lm_dir, head_std=0.3)
+
+
+@pytest.fixture(scope="session")
+def scoring_servers(scoring_rm_dir: str, scoring_lm_dir: str):
+    """{"rm": scoring_rm_dir served with --is-embedding (prompts prefilled in chunks of 16 tokens), "lm":
+    scoring_lm_dir served as a generation model (/v1/score)}; both load at once. Each must exit 0."""
+    from tests.helpers import ServerProcess
+
+    common = ["--device", "cpu", "--dtype", "float32", "--log-level", "warning", "--max-total-tokens", "8192"]
+    servers = {"rm": ServerProcess([*common, "--model-path", scoring_rm_dir, "--is-embedding",
+                                    "--chunked-prefill-size", "16"]),
+               "lm": ServerProcess([*common, "--model-path", scoring_lm_dir])}
+    try:
+        for server in servers.values():
+            server.spawn()
+        for server in servers.values():
+            server.wait_until_ready(300)
+        yield servers
+    finally:
+        codes = {name: server.stop() for name, server in servers.items()}
+    assert codes == {"rm": 0, "lm": 0}, (codes, {name: server.log() for name, server in servers.items()})
+
+
+@pytest.fixture(scope="session")
+def scoring_rm_server(scoring_servers):
+    return scoring_servers["rm"]
+
+
+@pytest.fixture(scope="session")
+def scoring_lm_server(scoring_servers):
+    return scoring_servers["lm"]
 
 
 def _triton_process(interpret: bool):

@@ -15,8 +15,8 @@ are drawn from N(0, init_std) and norm weights from 1 + N(0, init_std), instead 
 default init (std 0.02, zero biases, unit norms), so logits are far from flat and a wrong bias, norm or
 rotary shows up as a large difference.
 
-Servers that several modules only read from are started once per session here (`minilm_server`,
-`scoring_rm_server` / `scoring_lm_server`): each start costs seconds. A test that changes a server's state
+Servers that several modules only read from are started once per session here (`tiny_llm_server`,
+`minilm_server`, `scoring_rm_server` / `scoring_lm_server`): each start costs seconds. A test that changes a server's state
 (weights, weight_version, pause, memory) starts its own.
 """
 
@@ -121,6 +121,27 @@ def minilm_server():
     finally:
         code = server.stop()
     assert code == 0, f"server exited with {code}:\n{server.log()}"
+
+
+# A tiny random Llama with SmolLM2's tokenizer, served once for test_constrained_decoding, test_sampling_mask and
+# test_server (they only read from it; test_server's flush_cache tests flush the prefix cache, which changes
+# no answer).
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/helpers.py's make_tiny_model_dir with its defaults (context 4096, seed 0)."""
+    from tests.helpers import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llm"), context_length=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_server(tiny_llm_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    """tiny_llm_dir served on CPU in float32 with a KV pool of 120000 tokens; it must exit 0 at the end."""
+    from tests.server_checks import cpu_server
+
+    log = str(tmp_path_factory.mktemp("tiny-llm-log") / "server.log")
+    with cpu_server(tiny_llm_dir, "--max-total-tokens", "120000", log_path=log) as proc:
+        yield proc
 
 
 # The tiny scoring pair, served once for test_scoring_server and test_client_scoring (which only read from

@@ -106,6 +106,30 @@ def checkpoints(tiny_model_dir: Callable[..., str]) -> dict[str, str]:
             "wide": tiny_model_dir("llama", intermediate_size=96)}
 
 
+# Each shared server is stopped right after the last collected test that uses it (not at the session's end):
+# an idle server pair holds ~0.7 GB, which later memory-hungry tests (the trainer examples) need on a small
+# CI machine. Its fixture's own teardown then finds it stopped and still checks that it exited 0.
+SHARED_SERVER_FIXTURES = ("tiny_llm_server", "minilm_server", "scoring_servers")
+_last_user: dict[str, str] = {}                    # fixture name -> node id of the last test that uses it
+_stop_early: dict[str, Callable[[], object]] = {}  # fixture name -> how to stop its running server(s)
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection and any reordering: the order that runs
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _last_user.clear()
+    for item in items:
+        for name in SHARED_SERVER_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):  # the closure: fixtures that use it count
+                _last_user[name] = item.nodeid
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    for name, nodeid in _last_user.items():
+        if nodeid == item.nodeid and name in _stop_early:
+            _stop_early.pop(name)()
+
+
 @pytest.fixture(scope="session")
 def minilm_server():
     """all-MiniLM-L6-v2 served with --is-embedding (tests/scoring_models.py's minilm_path), started once for
@@ -116,6 +140,7 @@ def minilm_server():
 
     server = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", minilm_path(), "--is-embedding",
                             "--log-level", "warning"]).start(timeout=300)
+    _stop_early["minilm_server"] = server.stop
     try:
         yield server
     finally:
@@ -141,6 +166,7 @@ def tiny_llm_server(tiny_llm_dir: str, tmp_path_factory: pytest.TempPathFactory)
 
     log = str(tmp_path_factory.mktemp("tiny-llm-log") / "server.log")
     with cpu_server(tiny_llm_dir, "--max-total-tokens", "120000", log_path=log) as proc:
+        _stop_early["tiny_llm_server"] = proc.stop
         yield proc
 
 
@@ -177,6 +203,7 @@ def scoring_servers(scoring_rm_dir: str, scoring_lm_dir: str):
             server.spawn()
         for server in servers.values():
             server.wait_until_ready(300)
+        _stop_early["scoring_servers"] = lambda: [server.stop() for server in servers.values()]
         yield servers
     finally:
         codes = {name: server.stop() for name, server in servers.items()}

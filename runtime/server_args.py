@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a value needs it: the server's HTTP process parses these arguments before it
+# spawns the engine, and importing torch first (about 3 s) would hold back the engine's model load by as much.
+_PLAIN_DEVICE = re.compile(r"(cpu|cuda)(:(0|[1-9][0-9]*))?")
 
 NO_CHUNK_STEP_TOKENS = 16384
 
@@ -59,9 +66,11 @@ class ServerArgs:
 
     def __post_init__(self) -> None:
         if self.device is None:
+            import torch
+
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.attention_backend is None:
-            self.attention_backend = "triton" if torch.device(self.device).type == "cuda" else "torch"
+            self.attention_backend = "triton" if self.device_type == "cuda" else "torch"
         if self.page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {self.page_size}.")
         if self.chunked_prefill_size < 1 and self.chunked_prefill_size != -1:
@@ -86,7 +95,9 @@ class ServerArgs:
         if self.deterministic or self.enable_deterministic_inference:
             self.deterministic = self.enable_deterministic_inference = True
             # Batch-invariant kernels exist for CPU (torch) and CUDA (Triton); elsewhere refusing beats a
-            # silent broken promise. (Imported here: the mode's kernels are not needed to parse arguments.)
+            # silent broken promise. (Imported here: parsing arguments needs neither the kernels nor torch.)
+            import torch
+
             from runtime.deterministic import check_supported
 
             check_supported(torch.device(self.device), attention_backend=self.attention_backend)
@@ -103,9 +114,22 @@ class ServerArgs:
         return self.chunked_prefill_size if self.chunked_prefill else NO_CHUNK_STEP_TOKENS
 
     @property
+    def device_type(self) -> str:
+        """torch.device(device).type ("cpu" for "cpu", "cuda" for "cuda:1"), without importing torch for
+        the plain names; anything else is torch's to read (and to refuse)."""
+        match = _PLAIN_DEVICE.fullmatch(self.device)
+        if match:
+            return match.group(1)
+        import torch
+
+        return torch.device(self.device).type
+
+    @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
-            return torch.float32 if torch.device(self.device).type == "cpu" else torch.bfloat16
+            return torch.float32 if self.device_type == "cpu" else torch.bfloat16
         names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -126,4 +150,6 @@ def set_process_threads(args: ServerArgs) -> None:
     process's setting: called by whoever owns the process (the server's engine process at start, or the
     in-process Engine only when its caller passed num_threads), never by a model runner."""
     if args.num_threads and args.device == "cpu":
+        import torch
+
         torch.set_num_threads(args.num_threads)

@@ -262,7 +262,9 @@ def walk(server: ServerProcess, model_dir: str, path: str) -> None:
                 continue
             resp = send(server, route.methods[0], path, raw, JSON)  # a query would override /flush_cache's body
             check(resp, f"{path} {field}={cls}", lambda m, f=field, r=resp: names_field(m, f, r), path)
-            if path in ("/pause_generation", "/release_memory_occupation"):
+            # A refused case changed nothing (were it otherwise, the next cases' answers and still_serves
+            # would show it); an accepted one may have paused generation or released the weights.
+            if path in ("/pause_generation", "/release_memory_occupation") and resp.status_code < 400:
                 restore(server, model_dir, weights=path == "/release_memory_occupation")
     for param in route.query:
         for cls, value in QUERY_CLASSES:

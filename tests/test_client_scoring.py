@@ -6,26 +6,15 @@ from __future__ import annotations
 import pytest
 
 from rollout import BadRequestError, RolloutClient
-from rollout.client.local_server import LocalServer
-from tests.helpers import make_tiny_model_dir
-from tests.scoring_models import make_reward_model_dir
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory):
-    lm_dir = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-lm"))
-    rm_dir = make_reward_model_dir(tmp_path_factory.mktemp("tiny-rm"), base=lm_dir)
-    rm = LocalServer(rm_dir, is_embedding=True, num_threads=1, device="cpu", dtype="float32").spawn()
-    lm = LocalServer(lm_dir, num_threads=1, device="cpu", dtype="float32").spawn()
-    try:
-        rm.wait_until_ready(180)
-        lm.wait_until_ready(180)
-        yield rm, lm
-    finally:
-        rm.stop()
-        lm.stop()
+def servers(scoring_rm_server, scoring_lm_server):
+    """tests/conftest.py's tiny reward model (--is-embedding) and generation model, shared with
+    test_scoring_server."""
+    return scoring_rm_server, scoring_lm_server
 
 
 def test_classify_batches_in_order(servers) -> None:

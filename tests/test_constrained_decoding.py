@@ -21,7 +21,7 @@ import torch
 from runtime.engine import Engine
 from runtime.grammar import GrammarCache
 from runtime.token_support import AllowedTokens
-from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.helpers import ServerProcess
 
 EMAIL = r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)"
 YES_NO = r"(yes|no)"
@@ -46,8 +46,8 @@ def check_schema(value: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-grammar"))
+def model_dir(tiny_llm_dir: str) -> str:
+    return tiny_llm_dir  # tests/conftest.py: the model tiny_llm_server serves
 
 
 @pytest.fixture(scope="module")
@@ -254,14 +254,8 @@ def test_pause_modes_keep_the_grammar(eng: Engine, mode: str):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    log = str(tmp_path_factory.mktemp("grammar-server") / "server.log")
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", model_dir,
-                          "--max-total-tokens", "8192", "--log-level", "warning"], log_path=log)
-    proc.start(timeout=300)
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log()}"
+def server(tiny_llm_server: ServerProcess) -> ServerProcess:
+    return tiny_llm_server  # tests/conftest.py: one server for the modules that only read from it
 
 
 def _post(server: ServerProcess, **body: Any) -> requests.Response:

@@ -257,8 +257,8 @@ def test_echo_and_token_id_prompt(client, server, tokenizer):
     assert got.choices[0].text == tokenizer.decode(ids) + want["text"]
 
 
-@pytest.mark.slow  # all-MiniLM-L6-v2, a real model, in its own server
-def test_embeddings_match_transformers():
+@pytest.mark.slow  # all-MiniLM-L6-v2, a real model, in a server of its own (shared: tests/conftest.py)
+def test_embeddings_match_transformers(minilm_server):
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     ref = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
@@ -268,14 +268,12 @@ def test_embeddings_match_transformers():
         hidden = ref(**enc).last_hidden_state
     mask = enc["attention_mask"][..., None].float()
     want = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-    with ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", path, "--is-embedding",
-                        "--log-level", "warning"]) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        got = client.embeddings.create(model="minilm", input=sentences)
-        as_b64 = client.embeddings.create(model="minilm", input="Hi", encoding_format="base64")
-        with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="m", messages=MESSAGES)
-        by_ids = client.embeddings.create(model="minilm", input=tok("Hi")["input_ids"])
+    client = openai.OpenAI(base_url=minilm_server.url + "/v1", api_key="unused", max_retries=0)
+    got = client.embeddings.create(model="minilm", input=sentences)
+    as_b64 = client.embeddings.create(model="minilm", input="Hi", encoding_format="base64")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=MESSAGES)
+    by_ids = client.embeddings.create(model="minilm", input=tok("Hi")["input_ids"])
     vectors = torch.tensor([d.embedding for d in got.data])
     assert [d.index for d in got.data] == [0, 1]
     assert bool((F.cosine_similarity(vectors, want, dim=-1) >= 0.99999).all())

@@ -21,7 +21,7 @@ import torch
 from kernels.sampling import draw_tokens_torch
 from kernels.sampling_support import truncation_support
 from runtime.engine import Engine
-from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.helpers import ServerProcess
 
 VOCAB = 49152
 
@@ -40,8 +40,8 @@ def naive_support(logprobs: list[tuple[float, int]], top_k: int = -1, top_p: flo
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-sampling-mask"))
+def model_dir(tiny_llm_dir: str) -> str:
+    return tiny_llm_dir  # tests/conftest.py: the model tiny_llm_server serves
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +146,8 @@ def test_truncation_support_holds_every_draw():
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    log = str(tmp_path_factory.mktemp("mask-server") / "server.log")
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", model_dir,
-                          "--max-total-tokens", "4096", "--log-level", "warning"], log_path=log)
-    proc.start(timeout=300)
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log()}"
+def server(tiny_llm_server: ServerProcess) -> ServerProcess:
+    return tiny_llm_server  # tests/conftest.py: one server for the modules that only read from it
 
 
 def test_server_returns_the_mask(server: ServerProcess):

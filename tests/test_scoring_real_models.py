@@ -45,7 +45,7 @@ def test_smollm2_reward_model_matches_transformers(tmp_path):
     assert len(set(round(g, 4) for g in got)) == len(got)
 
 
-def test_minilm_embeddings_match_transformers():
+def test_minilm_embeddings_match_transformers(minilm_server):
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     ref = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
@@ -56,12 +56,10 @@ def test_minilm_embeddings_match_transformers():
         hidden = ref(**enc).last_hidden_state
     mask = enc["attention_mask"][..., None].float()
     want = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-    with ServerProcess(["--device", "cpu", "--dtype", "float32",
-                        "--model-path", path, "--is-embedding", "--log-level", "warning"]) as server:
-        resp = server.post("/encode", json={"text": sentences})
-        assert resp.status_code == 200, resp.text
-        got = torch.tensor([o["embedding"] for o in resp.json()])
-        info = server.get("/get_model_info").json()
+    resp = minilm_server.post("/encode", json={"text": sentences})
+    assert resp.status_code == 200, resp.text
+    got = torch.tensor([o["embedding"] for o in resp.json()])
+    info = minilm_server.get("/get_model_info").json()
     assert got.shape == (4, 384) and info["architectures"] == ["BertModel"]
     cos = F.cosine_similarity(got, want, dim=-1)
     assert bool((cos >= 0.99999).all()), cos

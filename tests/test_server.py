@@ -16,7 +16,7 @@ import requests
 from transformers import AutoTokenizer
 
 from rollout.server.http_server import FLUSH_OK_TEXT
-from tests.helpers import ServerProcess, make_tiny_model_dir
+from tests.helpers import ServerProcess
 from tests.server_checks import ok
 
 CONTEXT = 4096
@@ -26,20 +26,13 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 6   # ~60 tokens: lon
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-server"), context_length=CONTEXT)
+def model_dir(tiny_llm_dir: str) -> str:
+    return tiny_llm_dir  # tests/conftest.py: the model tiny_llm_server serves
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    log = str(tmp_path_factory.mktemp("server-log") / "server.log")
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
-                          "--model-path", model_dir, "--max-total-tokens", "120000", "--log-level", "warning"],
-                         log_path=log)
-    proc.start(timeout=300)
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"server exited with {code}:\n{proc.log()}"
+def server(tiny_llm_server: ServerProcess) -> ServerProcess:
+    return tiny_llm_server  # tests/conftest.py: one server for the modules that only read from it
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,11 @@ def die_with_parent_hook(sig: int = signal.SIGKILL) -> Callable[[], None] | None
     return hook
 
 
+# Between readiness probes: a probe is one local request, and every caller (tests, a fleet's restarts) waits
+# out the gap after the process is up, on average half of it.
+READY_POLL_S = 0.05
+
+
 class ManagedProcess:
     name = "process"  # "The {name} exited with code ..." in errors
     start_timeout = 300.0  # seconds; what `start()` and `with` wait by default
@@ -95,7 +100,7 @@ class ManagedProcess:
                     return
             except (requests.RequestException, ValueError):
                 pass
-            time.sleep(0.2)
+            time.sleep(READY_POLL_S)
         raise TimeoutError(f"{self.not_ready_message(timeout)}:\n{self.log()}")
 
     def log(self, chars: int = 20000) -> str:

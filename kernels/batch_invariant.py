@@ -44,12 +44,15 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """F.linear whose every output row is bitwise the same whatever the other rows are (any leading dims)."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
-    m = rows.shape[0]
+    m, n = rows.shape[0], weight.shape[0]
     if m < MIN_GEMM_ROWS:
         rows = torch.cat([rows, rows.new_zeros(MIN_GEMM_ROWS - m, rows.shape[1])])
+    if n < MIN_VALUE_COLUMNS:  # a MoE router or a shared-expert gate: their narrow sgemm paths treat tail rows apart
+        weight = torch.cat([weight, weight.new_zeros(MIN_VALUE_COLUMNS - n, weight.shape[1])])
+        bias = None if bias is None else torch.cat([bias, bias.new_zeros(MIN_VALUE_COLUMNS - n)])
     out = F.linear(rows.contiguous(), weight, bias)
-    if m < MIN_GEMM_ROWS:
-        out = out[:m]
+    if m < MIN_GEMM_ROWS or n < MIN_VALUE_COLUMNS:
+        out = out[:m, :n]
     return out.reshape(*lead, out.shape[-1])
 
 

@@ -15,9 +15,11 @@ width only; log-softmax: torch's, one block per row sized by the vocabulary; tes
 tests/test_deterministic_gpu.py check them). Parameter names and storage are unchanged, so weight updates
 and checksums work as in the default mode.
 
-Supported: the dense decoder families. Anything else is refused with the reason, rather than served with a
-guarantee it does not keep: mixture-of-experts layers (their expert matmuls group tokens by expert, so a
-token's rows depend on the batch) and devices other than CPU and CUDA.
+Supported: the dense decoder families, and on the CPU torch path the mixture-of-experts ones too (the router
+and the experts' grouped products on invariant_linear: an expert's row has the same bits however many rows
+were routed to it, and a token's expert outputs are added in ascending expert order). Anything else is
+refused with the reason, rather than served with a guarantee it does not keep: MoE layers on the Triton path
+and devices other than CPU and CUDA. The trainer-side forward (runtime/trainer_forward.py) is dense only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from kernels.batch_invariant import invariant_linear
 from kernels.implementation import check_triton_device, triton_installed
 from runtime.models.layers import RMSNorm
+from runtime.models.moe import StackedExperts, TopKRouter
 
 # The attention backends of the mode (runtime/attention/registry.py).
 BATCH_INVARIANT_BACKEND = "batch_invariant"
@@ -39,6 +42,20 @@ class InvariantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return invariant_linear(x, self.weight, self.bias)
+
+
+class InvariantTopKRouter(TopKRouter):
+    """The MoE router on invariant_linear: a token's routing never depends on the rest of the batch."""
+
+    linear = staticmethod(invariant_linear)
+
+
+class InvariantStackedExperts(StackedExperts):
+    """Experts on invariant_linear. Each expert multiplies the rows routed to it in one call: however many
+    there are, each row's product has the same bits, and a token's expert outputs are summed in ascending
+    expert order whatever else is in the batch."""
+
+    linear = staticmethod(invariant_linear)
 
 
 class TritonInvariantLinear(nn.Linear):
@@ -68,13 +85,16 @@ def check_supported(device: torch.device, model: nn.Module | None = None, attent
         check_triton_device(device)
     if model is None:
         return
+    # Mixture-of-experts layers have invariant forms on the CPU torch path only (the Triton matmul is not
+    # wired into the experts' grouped products).
+    known = (nn.Linear, nn.Embedding, RMSNorm) + (() if uses_triton(device, attention_backend)
+                                                   else (TopKRouter, StackedExperts))
     unsupported = sorted({type(m).__name__ for m in model.modules()
-                          if not isinstance(m, (nn.Linear, nn.Embedding, RMSNorm))
-                          and any(True for _ in m.parameters(recurse=False))})
+                          if not isinstance(m, known) and any(True for _ in m.parameters(recurse=False))})
     if unsupported:
         raise ValueError(f"enable_deterministic_inference supports dense decoders (linear, embedding and "
-                         f"RMSNorm parameters); this model also has {', '.join(unsupported)} "
-                         f"(mixture-of-experts layers are not batch-invariant).")
+                         f"RMSNorm parameters), and mixture-of-experts layers on the CPU torch path; this model "
+                         f"also has {', '.join(unsupported)} here.")
 
 
 def make_batch_invariant(model: nn.Module, device: torch.device, attention_backend: str | None = None) -> str:
@@ -86,4 +106,8 @@ def make_batch_invariant(model: nn.Module, device: torch.device, attention_backe
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = linear_cls
+        elif type(module) is TopKRouter:
+            module.__class__ = InvariantTopKRouter
+        elif type(module) is StackedExperts:
+            module.__class__ = InvariantStackedExperts
     return TRITON_INVARIANT_BACKEND if triton else BATCH_INVARIANT_BACKEND

@@ -36,6 +36,9 @@ class MoeSpec:
 
 
 class TopKRouter(nn.Module):
+    # The matrix product (deterministic mode swaps in a batch-invariant one: runtime/deterministic.py).
+    linear = staticmethod(F.linear)
+
     def __init__(self, hidden_size: int, spec: MoeSpec):
         super().__init__()
         self.top_k = spec.top_k
@@ -44,7 +47,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] expert ids, [T, k] fp32 routing weights)."""
-        probs = torch.softmax(F.linear(h, self.weight), dim=-1, dtype=torch.float32)
+        probs = torch.softmax(self.linear(h, self.weight), dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -52,6 +55,8 @@ class TopKRouter(nn.Module):
 
 
 class StackedExperts(nn.Module):
+    linear = staticmethod(F.linear)  # as TopKRouter's
+
     def __init__(self, hidden_size: int, spec: MoeSpec, hidden_act: str):
         super().__init__()
         self.num_experts = spec.num_experts
@@ -84,8 +89,8 @@ class StackedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate, up = F.linear(rows[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-            out[start:start + n] = F.linear(self.act(gate) * up, self.down_proj[e])
+            gate, up = self.linear(rows[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out[start:start + n] = self.linear(self.act(gate) * up, self.down_proj[e])
             start += n
         row_weights = weights.reshape(-1)[order, None]
         if self.fp32_weighting:

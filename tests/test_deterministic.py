@@ -109,7 +109,7 @@ def test_flag_and_alias():
         ServerArgs(device="mps", deterministic=True)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
 def test_mixture_of_experts_alone_equals_in_a_batch(tiny_model_dir, family):
     # Routing, the experts' grouped products (an expert sees 1 row alone, dozens in the batch), the shared
     # expert and its gate: the target's tokens and logprobs have the same bits alone and among 24 others.

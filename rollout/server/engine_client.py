@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 # After the engine process dies, how long this process keeps answering (503 with the reason, so clients and
 # health checks learn why) before it exits non-zero for its supervisor to restart it.
 EXIT_AFTER_ENGINE_DEATH_S = 1.0
+HEALTH_WORK_POLL_S = 0.05  # how often a waiting health check looks whether the engine took on our work
 
 
 class EngineClient:
@@ -265,12 +266,16 @@ class EngineClient:
 
     async def health(self, timeout: float) -> None:
         self.check_available()
-        if self.controls.working():
-            # The engine process is alive (checked above) and applying work we sent, such as a weight
-            # update: its loop answers nothing until that is done, and a health check that waited for it
-            # would report a busy server as a dead one.
-            return
-        result = await self.controls.request(HealthCheckRequest, timeout)
+        # While the engine process is alive (checked above) and applying work we sent, such as a weight
+        # update, its loop answers nothing until that is done: a health check that waited for it would report
+        # a busy server as a dead one. That holds for a check sent just before the work too.
+        check = asyncio.ensure_future(self.controls.request(HealthCheckRequest, timeout))
+        while not check.done():
+            if self.controls.working():
+                check.cancel()
+                return
+            await asyncio.wait({check}, timeout=HEALTH_WORK_POLL_S)
+        result = check.result()
         if result.error is not None:
             self.status.on_health_error(result.error)
             raise EngineUnavailable(result.error)

@@ -5,7 +5,7 @@ on the default model (SmolLM2-135M, fp32) is polled from another process (so the
 delays the poll) every 10 ms while each of these runs alone:
 
 - a weight update carrying the whole model as one tensor payload (~690 MB of JSON),
-- the same weights through `RolloutClient.update_weights_from_tensor` (256 MiB buckets),
+- the same weights through `RolloutClient.update_weights_from_tensor` (64 MiB buckets),
 - a disk update,
 - a /tokenize of 10 MB of text (tokenized off the event loop).
 
@@ -84,7 +84,7 @@ def main() -> None:
 
         cases = [
             (f"tensor update, whole model in one body ({len(body) >> 20} MiB)", whole_payload),
-            ("tensor update through the client, 256 MiB buckets",
+            ("tensor update through the client, 64 MiB buckets",
              lambda: client.update_weights_from_tensor(named, pause=None)),
             ("disk update", lambda: client.update_weights_from_disk(model, pause=None)),
             ("/tokenize of 10 MB of text",

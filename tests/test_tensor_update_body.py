@@ -5,6 +5,7 @@ engine reads the same base64 text a full JSON decode would give."""
 from __future__ import annotations
 
 import json
+import mmap
 
 import pytest
 import torch
@@ -53,3 +54,8 @@ def test_payloads_are_views_of_the_body_and_reach_the_engine_intact() -> None:
 def test_bad_bodies_are_400_naming_the_field(body: bytes, match: str) -> None:
     with pytest.raises(BadRequest, match=match):
         parse_tensor_update_body(body, {})
+    if body:  # a big body arrives as an anonymous mapping (rollout/server/limits.py): same answers
+        mapped = mmap.mmap(-1, len(body))
+        mapped[:] = body
+        with pytest.raises(BadRequest, match=match):
+            parse_tensor_update_body(mapped, {})

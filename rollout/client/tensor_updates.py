@@ -3,9 +3,9 @@
 For servers the trainer reaches only by HTTP, or a few tensors at a time (a LoRA merge, a head). The tensors
 travel as safetensors bytes in base64 (sync.encode_named_tensors, never pickle), in buckets of at most
 `bucket_bytes` raw bytes: each bucket is one request on every server. A bucket is decoded, checked (NaN/Inf,
-and the digests with `verify`) and applied by the server before the next is sent, so the HTTP process and the
-engine hold one bucket at a time (the whole model in one request costs each process about four times the
-model's size at its peak). The last bucket carries `weight_version`. A bucket refused after accepted ones
+and the digests with `verify`) and applied by the server before the next is sent, so the server holds one
+bucket at a time, and its HTTP front end is busy with one for a few tens of milliseconds (finding the payload
+in the body: benchmarks/health_latency.py), where a whole model in one body holds it for ~170 ms. The last bucket carries `weight_version`. A bucket refused after accepted ones
 leaves the weights a mix of old and new: the servers are then left paused (never serving the mix) and the
 error says so; a complete update followed by `continue_generation()` brings them back.
 """
@@ -22,7 +22,7 @@ from rollout.client.weight_updates import WeightUpdateMixin
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_BUCKET_BYTES = 256 << 20
+DEFAULT_BUCKET_BYTES = 64 << 20
 
 
 class TensorUpdateMixin(WeightUpdateMixin):

@@ -11,12 +11,16 @@ messages; a body that is not a JSON object gets parse_json_body's answer.
 
 from __future__ import annotations
 
-from typing import Any
+import mmap
+from typing import Any, Union
 
 import msgspec
 
 from rollout.server.schemas import BadRequest, decode_json, parse_json_body, short
 from rollout.server.weight_schemas import parse_update_from_tensor
+
+# The body as the limits middleware hands it over: bytes, or for a big one an anonymous mapping.
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 
 class _Body(msgspec.Struct, forbid_unknown_fields=False):
     """The fields the route reads (others are ignored, as on every control route), each left undecoded; one
@@ -35,7 +39,7 @@ PAYLOADS = "serialized_named_tensors"
 QUOTE_BYTES = 4096
 
 
-def parse_tensor_update_body(body: bytes | bytearray, query: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+def parse_tensor_update_body(body: Buffer, query: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     """(the control message's fields, with an empty payload list; the payloads' JSON string literals, as
     buffers into `body`). BadRequest naming the field and the value."""
     try:
@@ -43,7 +47,7 @@ def parse_tensor_update_body(body: bytes | bytearray, query: dict[str, Any]) -> 
     except (msgspec.MsgspecError, RecursionError):
         # Not a JSON object, a payload list that is not a list, bad syntax, no body: the generic parser and
         # checks give the generic answer (this path never serves a valid body).
-        return parse_update_from_tensor({**query, **parse_json_body(body, allow_empty=True)}), []
+        return parse_update_from_tensor({**query, **parse_json_body(bytes(body), allow_empty=True)}), []
     fields: dict[str, Any] = dict(query)
     for key in ("load_format", "weight_version", "flush_cache", "digests"):
         raw = getattr(parsed, key)

@@ -10,7 +10,6 @@ gives a `CheckpointChangedError` naming it instead of a crash or a silent mix of
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sync.errors import WeightUpdateError
-from sync.safetensors_header import MAX_HEADER_BYTES, TensorEntry, entry_views, header_entries
+from sync.safetensors_header import TensorEntry, entry_views, header_entries, header_length, parse_header
 from sync.scratch import ScratchBuffer
 
 class CheckpointChangedError(WeightUpdateError):
@@ -51,29 +50,17 @@ class CheckpointFile:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "CheckpointFile":
         path = Path(path)
+        not_ours = f"{path} is not a safetensors file"
         try:
             with open(path, "rb") as f:
                 stamp = FileStamp.of(os.fstat(f.fileno()))
-                head = f.read(8)
-                if len(head) < 8:
-                    raise WeightUpdateError(f"{path} is not a safetensors file: it has {stamp.size} bytes, fewer "
-                                            "than the 8-byte header length.")
-                n = int.from_bytes(head, "little")
-                if n > MAX_HEADER_BYTES or 8 + n > stamp.size:
-                    raise WeightUpdateError(f"{path} is not a safetensors file (or is truncated): its header length "
-                                            f"field says {n} bytes, the file has {stamp.size}.")
+                n = header_length(f.read(8), stamp.size, not_ours, "the file")
                 raw = f.read(n)
         except OSError as e:
             raise WeightUpdateError(f"Cannot read {path}: {e.strerror or e}.") from None
         if len(raw) < n:
             raise CheckpointChangedError(f"{path} changed while being read: its header was cut short.")
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightUpdateError(f"{path} is not a safetensors file: its header is not JSON ({e}).") from None
-        if not isinstance(header, dict):
-            raise WeightUpdateError(f"{path} is not a safetensors file: its header is a JSON "
-                                    f"{type(header).__name__}, not an object.")
+        header = parse_header(raw, not_ours)
         data_start = 8 + n
         return cls(path, stamp, data_start, header_entries(header, str(path), stamp.size - data_start))
 

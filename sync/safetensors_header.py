@@ -10,6 +10,7 @@ whole when its last view goes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,29 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # byte offsets into the data section
     end: int
+
+
+def header_length(head: bytes, size: int, not_ours: str, whole: str) -> int:
+    """The JSON header's length, from the first 8 of the `size` bytes there are (`whole` names them: "the
+    file", "the payload"); WeightUpdateError starting with `not_ours` when they cannot hold it."""
+    if len(head) < 8:
+        raise WeightUpdateError(f"{not_ours}: it has {size} bytes, fewer than the 8-byte header length.")
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise WeightUpdateError(f"{not_ours} (or is truncated): its header length field says {n} bytes, {whole} "
+                                f"has {size}.")
+    return n
+
+
+def parse_header(raw: bytes, not_ours: str) -> dict:
+    """The JSON header (an object); WeightUpdateError starting with `not_ours` when it is not one."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightUpdateError(f"{not_ours}: its header is not JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise WeightUpdateError(f"{not_ours}: its header is a JSON {type(header).__name__}, not an object.")
+    return header
 
 
 def header_entries(header: dict, source: str, data_bytes: int) -> list[TensorEntry]:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save
 
 from sync.errors import WeightUpdateError
-from sync.safetensors_header import MAX_HEADER_BYTES, entry_views, header_entries
+from sync.safetensors_header import entry_views, header_entries, header_length, parse_header
 
 _ORDER_KEY = "names"
 
@@ -76,18 +76,8 @@ def decode_named_tensors(payload: str | bytes | memoryview) -> list[tuple[str, t
 def _header(raw: bytes) -> tuple[dict, int]:
     """The parsed JSON header and where the data section starts."""
     not_ours = "Tensor payload is not safetensors bytes"
-    if len(raw) < 8:
-        raise WeightUpdateError(f"{not_ours}: it has {len(raw)} bytes, fewer than the 8-byte header length.")
-    n = int.from_bytes(raw[:8], "little")
-    if n > MAX_HEADER_BYTES or 8 + n > len(raw):
-        raise WeightUpdateError(f"{not_ours}: its header length field says {n} bytes, the payload has {len(raw)}.")
-    try:
-        header = json.loads(raw[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightUpdateError(f"{not_ours}: its header is not JSON ({e}).") from None
-    if not isinstance(header, dict):
-        raise WeightUpdateError(f"{not_ours}: its header is a JSON {type(header).__name__}, not an object.")
-    return header, 8 + n
+    n = header_length(raw[:8], len(raw), not_ours, "the payload")
+    return parse_header(raw[8:8 + n], not_ours), 8 + n
 
 
 def _names(header: dict) -> list[str] | None:

@@ -5,9 +5,10 @@ travel as safetensors bytes in base64 (sync.encode_named_tensors, never pickle),
 `bucket_bytes` raw bytes: each bucket is one request on every server. A bucket is decoded, checked (NaN/Inf,
 and the digests with `verify`) and applied by the server before the next is sent, so the server holds one
 bucket at a time, and its HTTP front end is busy with one for a few tens of milliseconds (finding the payload
-in the body: benchmarks/health_latency.py), where a whole model in one body holds it for ~170 ms. The last bucket carries `weight_version`. A bucket refused after accepted ones
-leaves the weights a mix of old and new: the servers are then left paused (never serving the mix) and the
-error says so; a complete update followed by `continue_generation()` brings them back.
+in the body: benchmarks/health_latency.py), where a whole model in one body holds it for ~170 ms. The last
+bucket carries `weight_version`. A bucket refused after accepted ones leaves the weights a mix of old and
+new: the servers are then left paused (never serving the mix) and the error says so; a complete update
+followed by `continue_generation()` brings them back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from rollout.client.errors import WeightUpdateError
 from rollout.client.results import ServerReply
-from rollout.client.weight_updates import WeightUpdateMixin
+from rollout.client.weight_updates import WeightUpdateMixin, mixed_weights_error
 
 if TYPE_CHECKING:
     import torch
@@ -46,33 +47,28 @@ class TensorUpdateMixin(WeightUpdateMixin):
         replies: list[ServerReply] = []
         if pause is not None:
             await self.pause_generation(pause)
-        for i, meta in enumerate(plan):
-            bucket = [(n, by_name[n]) for n in meta.names]
-            # Encoding is a copy and a base64 pass over the bucket: off the event loop.
-            payload = await loop.run_in_executor(None, encode_named_tensors, bucket)
-            body: dict[str, Any] = {"serialized_named_tensors": [payload]}
-            if verify:
-                body["digests"] = await loop.run_in_executor(
-                    None, lambda b=bucket: {n: tensor_checksum(t) for n, t in b})
-            if weight_version is not None and i == len(plan) - 1:
-                body["weight_version"] = weight_version
-            what = f"update_weights_from_tensor (bucket {i + 1} of {len(plan)}, {len(bucket)} tensors)"
-            try:
-                replies = await self._update_on_all(what, "/update_weights_from_tensor", body, timeout)
-            except WeightUpdateError as e:
-                if i == 0 or pause is None:
-                    if pause is not None:
-                        await self.continue_generation()
-                    raise
-                # Earlier buckets are in: continuing would serve a mix of old and new weights.
-                raise WeightUpdateError(f"{what}, after {i} bucket(s) were applied: the servers hold a mix of old "
-                                        "and new weights and stay paused; send a complete update, then call "
-                                        "continue_generation(). The bucket", e.results) from None
-            except BaseException:
-                if pause is not None:
-                    await self.continue_generation()
-                raise
-            del payload, body
-        if pause is not None:
-            await self.continue_generation()
+        mixed = False
+        try:
+            for i, meta in enumerate(plan):
+                bucket = [(n, by_name[n]) for n in meta.names]
+                # Encoding is a copy and a base64 pass over the bucket: off the event loop.
+                payload = await loop.run_in_executor(None, encode_named_tensors, bucket)
+                body: dict[str, Any] = {"serialized_named_tensors": [payload]}
+                if verify:
+                    body["digests"] = await loop.run_in_executor(
+                        None, lambda b=bucket: {n: tensor_checksum(t) for n, t in b})
+                if weight_version is not None and i == len(plan) - 1:
+                    body["weight_version"] = weight_version
+                what = f"update_weights_from_tensor (bucket {i + 1} of {len(plan)}, {len(bucket)} tensors)"
+                try:
+                    replies = await self._update_on_all(what, "/update_weights_from_tensor", body, timeout)
+                except WeightUpdateError as e:
+                    if i == 0 or pause is None:
+                        raise
+                    mixed = True  # earlier buckets are in
+                    raise mixed_weights_error(what, i, e.results) from None
+                del payload, body
+        finally:
+            if pause is not None and not mixed:
+                await self.continue_generation()
         return replies

@@ -30,6 +30,14 @@ def _pick(names: Sequence[str], k: int = 3) -> list[str]:
     return sorted({names[0], names[len(names) // 2], names[-1]}, key=list(names).index)
 
 
+def mixed_weights_error(what: str, applied: int, results: list[Any]) -> WeightUpdateError:
+    """A bucket refused after `applied` accepted ones: continuing would serve a mix of old and new weights,
+    so the caller leaves the servers paused and says so."""
+    return WeightUpdateError(f"{what}, after {applied} bucket(s) were applied: the servers hold a mix of old and new "
+                             "weights and stay paused; send a complete update, then call continue_generation(). "
+                             "The bucket", results)
+
+
 class WeightUpdateMixin:
     servers: list[Any]
 
@@ -257,12 +265,10 @@ class WeightUpdateMixin:
             for k, r in enumerate(results):
                 if isinstance(r, WeightUpdateError) and k > 0 and pause is not None:
                     # Earlier buckets are in (a server that received into its weights says so itself; one
-                    # that buffers refused only this bucket): continuing would serve a mix.
+                    # that buffers refused only this bucket).
                     mixed = True
-                    raise WeightUpdateError(f"update_weights_from_distributed (bucket {k + 1}/{len(results)}), "
-                                            f"after {k} bucket(s) were applied: the servers hold a mix of old and "
-                                            "new weights and stay paused; send a complete update, then call "
-                                            "continue_generation(). The bucket", r.results) from None
+                    raise mixed_weights_error(f"update_weights_from_distributed (bucket {k + 1}/{len(results)})", k,
+                                              r.results) from None
                 if isinstance(r, BaseException):
                     raise r
         finally:

@@ -135,17 +135,12 @@ def minilm_server():
     """all-MiniLM-L6-v2 served with --is-embedding (tests/scoring_models.py's minilm_path), started once for
     the modules that only read from it (test_openai_routes, test_scoring_real_models): a start is seconds
     of the suite. Tests must not change its state (weights, version, pause); it must exit 0 at the end."""
-    from tests.helpers import ServerProcess
     from tests.scoring_models import minilm_path
+    from tests.server_checks import cpu_server
 
-    server = ServerProcess(["--device", "cpu", "--dtype", "float32", "--model-path", minilm_path(), "--is-embedding",
-                            "--log-level", "warning"]).start(timeout=300)
-    _stop_early["minilm_server"] = server.stop
-    try:
+    with cpu_server(minilm_path(), "--is-embedding") as server:
+        _stop_early["minilm_server"] = server.stop
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, f"server exited with {code}:\n{server.log()}"
 
 
 # A tiny random Llama with SmolLM2's tokenizer, served once for test_constrained_decoding, test_sampling_mask and

@@ -38,9 +38,6 @@ class InputCodec:
     def encode(self, messages: list) -> bytes:
         return self.encoder.encode(messages)
 
-    def decode(self, frame: bytes) -> list:
-        return self.decoder.decode(frame)
-
     def decode_frames(self, frames: list) -> list:
         """A multipart message: the message frame, then the payload frames of the messages that declare
         `attached_payloads` (in message order), handed over as buffers, uncopied."""

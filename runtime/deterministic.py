@@ -73,6 +73,14 @@ def uses_triton(device: torch.device, attention_backend: str | None) -> bool:
     return device.type == "cuda" or attention_backend == "triton"
 
 
+def invariant_forms(triton: bool) -> dict[type, type]:
+    """Each layer type the mode rewrites -> its invariant form on this path. MoE layers have one on the CPU
+    torch path only: the Triton matmul is not wired into the experts' grouped products."""
+    if triton:
+        return {nn.Linear: TritonInvariantLinear}
+    return {nn.Linear: InvariantLinear, TopKRouter: InvariantTopKRouter, StackedExperts: InvariantStackedExperts}
+
+
 def check_supported(device: torch.device, model: nn.Module | None = None, attention_backend: str | None = None) -> None:
     """Raise ValueError naming what deterministic inference does not cover."""
     if device.type not in ("cpu", "cuda"):
@@ -85,10 +93,7 @@ def check_supported(device: torch.device, model: nn.Module | None = None, attent
         check_triton_device(device)
     if model is None:
         return
-    # Mixture-of-experts layers have invariant forms on the CPU torch path only (the Triton matmul is not
-    # wired into the experts' grouped products).
-    known = (nn.Linear, nn.Embedding, RMSNorm) + (() if uses_triton(device, attention_backend)
-                                                   else (TopKRouter, StackedExperts))
+    known = (nn.Embedding, RMSNorm, *invariant_forms(uses_triton(device, attention_backend)))
     unsupported = sorted({type(m).__name__ for m in model.modules()
                           if not isinstance(m, known) and any(True for _ in m.parameters(recurse=False))})
     if unsupported:
@@ -98,16 +103,13 @@ def check_supported(device: torch.device, model: nn.Module | None = None, attent
 
 
 def make_batch_invariant(model: nn.Module, device: torch.device, attention_backend: str | None = None) -> str:
-    """Swap every nn.Linear of `model` for its invariant form in place; returns the attention backend to use
-    (the Triton one on CUDA or when `attention_backend` is "triton", else the CPU torch one)."""
+    """Swap every layer of `model` for its invariant form in place (invariant_forms); returns the attention
+    backend to use (the Triton one on CUDA or when `attention_backend` is "triton", else the CPU torch one)."""
     check_supported(device, model, attention_backend)
     triton = uses_triton(device, attention_backend)
-    linear_cls = TritonInvariantLinear if triton else InvariantLinear
+    forms = invariant_forms(triton)
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = linear_cls
-        elif type(module) is TopKRouter:
-            module.__class__ = InvariantTopKRouter
-        elif type(module) is StackedExperts:
-            module.__class__ = InvariantStackedExperts
+        form = forms.get(type(module))
+        if form is not None:
+            module.__class__ = form
     return TRITON_INVARIANT_BACKEND if triton else BATCH_INVARIANT_BACKEND

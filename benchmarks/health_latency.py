@@ -30,10 +30,9 @@ from sync import encode_named_tensors, iterate_checkpoint
 from tests.helpers import ServerProcess
 
 POLLER = r"""
-import json, sys, time, requests
+import json, os, sys, time, requests
 url, stop_file = sys.argv[1], sys.argv[2]
 lat = []
-import os
 while not os.path.exists(stop_file):
     t = time.perf_counter()
     requests.get(url + "/health", timeout=120)

@@ -153,7 +153,7 @@ class Client:
 
 
 def trainer(url: str, ckpts: list[str], every: float, stop: threading.Event, tally: Tally,
-            settled: list[tuple[float, float, float]], sample: "Callable[[], tuple[float, float]]") -> None:
+            settled: list[tuple[float, float, float]], sample: Callable[[], tuple[float, float]]) -> None:
     """A GRPO trainer's weight pushes: pause (retract), update, continue, every `every` seconds. After each
     update both processes' RSS is appended to `settled` (time, http, engine): the same point of the cycle
     every time, so a rise between two of them is memory kept, not one update's transient buffers."""

@@ -26,6 +26,7 @@ from runtime.messages import (AbortRequest, ContinueGenerationReq, ControlResult
 from runtime.messages import ExpertDistributionReq
 from runtime.engine_scoring import EngineScoring
 from runtime.response import ResponseBuilder
+from runtime.scheduler_base import SchedulerBase
 from runtime.scheduler_factory import build_scheduler
 from runtime.scheduler_loop import run_scheduler_loop
 from runtime.scoring_input import NEEDS_GENERATION
@@ -62,8 +63,6 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
             self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path)
         stop_tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or model_path) \
             if self.tokenizer is not None else None  # the scheduler thread decodes with its own copy
-        self.scheduler = build_scheduler(self.args, stop_tokenizer, progress=progress)
-        self.runner = self.scheduler.runner
         self._inbox: queue.SimpleQueue[SchedulerInput] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiters: dict[str, queue.SimpleQueue[RequestOutput]] = {}
@@ -71,10 +70,30 @@ class Engine(EngineScoring):  # encode / score / rerank live in runtime/engine_s
         self._control_ids = itertools.count(1)
         self._control_waiters: dict[int, queue.SimpleQueue[ControlResult]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=run_scheduler_loop, args=(self.scheduler, self._receive, self._dispatch, self._stop),
-            name="scheduler", daemon=True)
+        built: queue.SimpleQueue[SchedulerBase | BaseException] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._build_and_run, args=(stop_tokenizer, progress, built),
+                                        name="scheduler", daemon=True)
         self._thread.start()
+        scheduler = built.get()
+        if isinstance(scheduler, BaseException):
+            raise scheduler
+        self.scheduler = scheduler
+        self.runner = scheduler.runner
+
+    def _build_and_run(self, stop_tokenizer: PreTrainedTokenizerBase | None, progress: bool,
+                       built: queue.SimpleQueue) -> None:
+        """Load the model and run the scheduler loop, both in this thread. Why one thread: GNU OpenMP keeps
+        a worker pool per thread that ever ran a parallel region, and once the pools' threads outnumber
+        the cores it stops spinning between regions; every region then waits on a futex wake-up. Loading
+        in the caller's thread left such a pool behind: at 2 threads on 2 cores the elementwise ops of a
+        GRPO step ran 2-3x slower (measured) than with the scheduler's pool alone."""
+        try:
+            scheduler = build_scheduler(self.args, stop_tokenizer, progress=progress)
+        except BaseException as e:  # the constructor re-raises it in the caller's thread
+            built.put(e)
+            return
+        built.put(scheduler)
+        run_scheduler_loop(scheduler, self._receive, self._dispatch, self._stop)
 
     # --- plumbing -------------------------------------------------------------------------------
 

@@ -103,8 +103,8 @@ def cascade_decode_attention_torch(
     prefix_table: torch.Tensor,    # [G, P] slots of each group's shared prefix, padded
     prefix_mask: torch.Tensor | None,  # [G, P] bool; None: every key valid
     member_index: torch.Tensor,    # [G, M] decode row of each group member, padded with 0
-    member_rows: torch.Tensor,     # [K] decode rows that belong to a group
-    member_flat: torch.Tensor,     # [K] their position in the padded [G*M] member layout
+    member_rows: torch.Tensor | None,  # [K] decode rows that belong to a group; None: every row, in
+    member_flat: torch.Tensor | None,  # groups of M in order (GRPO). [K] their place in the [G*M] layout
     suffix_table: torch.Tensor,    # [B, Ls] slots of each request's keys after its group's prefix
     suffix_mask: torch.Tensor | None,  # [B, Ls] bool; None: every key valid
     scale: float,
@@ -119,16 +119,19 @@ def cascade_decode_attention_torch(
     ks = gather_pages(k_cache, suffix_table).transpose(1, 2)             # [B, Hkv, Ls, D], strided
     vs = gather_pages(v_cache, suffix_table).transpose(1, 2)
     out, lse = attention_with_lse(qs, ks, vs, suffix_mask, scale)      # [B, Hkv, G, D], [B, Hkv, G]
-    if member_rows.numel() == 0:
+    every_row = member_rows is None   # then the member gathers and scatters below are identities: skipped
+    if not every_row and member_rows.numel() == 0:
         return out.reshape(b, h, d)
     n_groups, m = member_index.shape
-    qp = qs[member_index]                                              # [NG, M, Hkv, G, D]
+    qp = qs.view(n_groups, m, hkv, g, d) if every_row else qs[member_index]   # [NG, M, Hkv, G, D]
     qp = qp.permute(0, 2, 1, 3, 4).reshape(n_groups, hkv, m * g, d)
     kp = gather_pages(k_cache, prefix_table).transpose(1, 2)
     vp = gather_pages(v_cache, prefix_table).transpose(1, 2)
     op, lp = attention_with_lse(qp, kp, vp, prefix_mask, scale)        # [NG, Hkv, M*G, D]
-    op = op.view(n_groups, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(n_groups * m, hkv, g, d)[member_flat]
-    lp = lp.view(n_groups, hkv, m, g).permute(0, 2, 1, 3).reshape(n_groups * m, hkv, g)[member_flat]
+    op = op.view(n_groups, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(n_groups * m, hkv, g, d)
+    lp = lp.view(n_groups, hkv, m, g).permute(0, 2, 1, 3).reshape(n_groups * m, hkv, g)
     # .to: on CPU the fused kernel returns an fp32 log-sum-exp, which promotes an fp16/bf16 merge.
-    out[member_rows] = merge_attention(op, lp, out[member_rows], lse[member_rows]).to(out.dtype)
+    if every_row:
+        return merge_attention(op, lp, out, lse).to(out.dtype).reshape(b, h, d)
+    out[member_rows] = merge_attention(op[member_flat], lp[member_flat], out[member_rows], lse[member_rows]).to(out.dtype)
     return out.reshape(b, h, d)

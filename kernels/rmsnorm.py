@@ -13,6 +13,10 @@ from kernels.implementation import choose_implementation
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same op order as transformers' LlamaRMSNorm, so fp32 results match it bit for bit.
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # torch's own rms_norm computes these ops in this order in one call (bitwise equal in fp32: tested
+        # against LlamaRMSNorm), without six Python-dispatched ops: 61 norms are a decode step's overhead.
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     input_dtype = x.dtype
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)

@@ -96,7 +96,7 @@ class TrainerForward:
         def keys(z: torch.Tensor) -> torch.Tensor:  # [B * W, Hkv, D] -> [B, Hkv, L, D], zero keys past W
             z = z.view(b, width, self.num_kv_heads, self.head_dim)
             z = F.pad(z, (0, 0, 0, 0, 0, pad))
-            return z.transpose(1, 2).contiguous()
+            return z.permute(2, 0, 1, 3).contiguous().transpose(0, 1)  # head-major, as the rollout gathers them
 
         o = invariant_attention(query_rows(q, self.num_kv_heads, width), keys(k), keys(v),
                                 row_positions(positions, self.num_heads // self.num_kv_heads), lengths,

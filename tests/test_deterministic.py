@@ -29,8 +29,17 @@ LOGPROBS = dict(return_logprob=True, logprob_start_len=0)
 # --- the kernels ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (576, 49152), (64, 192), (48, 80), (64, 8), (64, 1)])
-def test_linear_rows_do_not_depend_on_the_row_count(k, n):
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """The property holds at a given thread count; servers run 1 by default, --num-threads 2 is common."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (576, 49152), (64, 192), (48, 80), (64, 8), (64, 1), (64, 16)])
+def test_linear_rows_do_not_depend_on_the_row_count(k, n, torch_threads):
     """The measured property the mode rests on (MKL picks its kernel from M; from MIN_GEMM_ROWS rows on,
     every row gets the same bits wherever it sits). Narrow outputs (a MoE router's 8 columns, a shared-expert
     gate's 1) get their last rows from another path unless padded: every row is compared."""
@@ -39,7 +48,7 @@ def test_linear_rows_do_not_depend_on_the_row_count(k, n):
     total = 300 if n < 10000 else 100  # the LM head's shape is slow to sweep
     x = torch.randn(total, k, generator=g)
     alone = torch.cat([invariant_linear(x[i:i + 1], w, b) for i in range(total)])
-    for m in (1, 2, 3, MIN_GEMM_ROWS, 5, 17, 37, 64, 99, total):
+    for m in (1, 2, 3, MIN_GEMM_ROWS, 5, 6, 7, 9, 10, 11, 17, 37, 64, 99, total):
         assert torch.equal(invariant_linear(x[:m], w, b), alone[:m]), m
     assert torch.equal(invariant_linear(x[3:140], w, b), alone[3:140])  # rows at other offsets
 
@@ -61,7 +70,7 @@ def test_row_wise_ops_do_not_depend_on_the_row_count():
 
 
 @pytest.mark.parametrize("head_dim, group", [(64, 3), (16, 2), (8, 2)])
-def test_attention_row_is_the_same_decoded_prefilled_or_chunked(head_dim, group):
+def test_attention_row_is_the_same_decoded_prefilled_or_chunked(head_dim, group, torch_threads):
     g = torch.Generator().manual_seed(head_dim)
     hkv, t = 2, 150
     q = torch.randn(t, hkv, group, head_dim, generator=g)

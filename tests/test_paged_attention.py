@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from kernels.paged_attention import attention_with_lse, attention_with_lse_reference, merge_attention
@@ -45,7 +46,11 @@ def test_fused_attention_with_lse_matches_reference_on_strided_masked_keys():
         torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_with_shared_prefixes_matches_naive():
+@pytest.mark.parametrize("layout, num_groups, every_row", [
+    ([(4, 40), (3, 25), (2, 17), (1, 30), (1, 9)], 3, False),   # groups of siblings and two loners
+    ([(4, 40), (4, 25), (4, 17)], 3, True),                      # a GRPO batch: every row in a group of n
+])
+def test_decode_with_shared_prefixes_matches_naive(layout, num_groups, every_row):
     """Groups of requests share prompt pages (as n > 1 samples do); others share nothing."""
     torch.manual_seed(0)
     hkv, h, d, num_slots = 2, 6, 16, 4000
@@ -54,8 +59,8 @@ def test_decode_with_shared_prefixes_matches_naive():
     pool.v_buffers[0].normal_()
     free = torch.randperm(num_slots).tolist()
     rows, seq_lens = [], []
-    # three groups of siblings (shared prompt of 40, 25, 17 slots, own suffixes) and two loners
-    for group_size, prompt in [(4, 40), (3, 25), (2, 17), (1, 30), (1, 9)]:
+    # (siblings, shared prompt slots) per group; each sibling has its own suffix
+    for group_size, prompt in layout:
         shared = [free.pop() for _ in range(prompt)]
         for _ in range(group_size):
             own = [free.pop() for _ in range(int(torch.randint(1, 12, ())))]
@@ -74,7 +79,8 @@ def test_decode_with_shared_prefixes_matches_naive():
     backend = TorchAttentionBackend(pool)
     backend.prepare(batch)
     cascade = batch.attn_metadata[0].cascade
-    assert cascade["member_index"].shape[0] == 3  # the loners run without a group
+    assert cascade["member_index"].shape[0] == num_groups  # loners run without a group
+    assert (cascade["member_rows"] is None) == every_row
     scale = 1 / math.sqrt(d)
     out = backend.forward(q, new_k, new_v, 0, batch, scale)
     for i, r in enumerate(rows):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.batch_invariant import MIN_GEMM_ROWS, invariant_attention, padded_key_len
-from kernels.paged_attention import gather_pages, store_kv_torch
+from kernels.batch_invariant import (MIN_GEMM_ROWS, gather_head_major, head_major_index, invariant_attention,
+                                     padded_key_len)
+from kernels.paged_attention import store_kv_torch
 from runtime.attention.base import AttentionBackend
 from runtime.forward_batch import ForwardBatch
 
@@ -31,6 +32,7 @@ class _Call:
     num_tokens: int
     tokens_per_request: int      # 1 for the decode call (B decodes), else the tile's length (B = 1)
     key_table: torch.Tensor      # [B, L] slot of each key position, L a multiple of KV_CHUNK
+    key_rows: torch.Tensor       # head_major_index(key_table): where gather_head_major reads them
     key_len: torch.Tensor        # [B] keys that exist
     positions: torch.Tensor      # [B, tokens_per_request]
 
@@ -67,6 +69,7 @@ class BatchInvariantAttentionBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         calls: list[_Call] = []
         pad = self.kv_pool.pad_slot
+        heads = self.kv_pool.num_kv_heads
         extend_lens = batch.extend_lens.tolist()
         prefix_lens = batch.prefix_lens.tolist()
         token = 0
@@ -74,15 +77,16 @@ class BatchInvariantAttentionBackend(AttentionBackend):
             for t0 in range(0, extend_lens[i], QUERY_TILE):
                 n = min(QUERY_TILE, extend_lens[i] - t0)
                 keys = prefix_lens[i] + t0 + n
-                calls.append(_Call(token + t0, n, n, self._table(batch.page_table[i:i + 1], [keys], pad),
+                table = self._table(batch.page_table[i:i + 1], [keys], pad)
+                calls.append(_Call(token + t0, n, n, table, head_major_index(table, heads),
                                    batch.seq_lens.new_tensor([keys]),
                                    batch.positions[token + t0:token + t0 + n].view(1, n)))
             token += extend_lens[i]
         num_decode = batch.batch_size - batch.num_extend
         if num_decode:
             seq = batch.seq_lens[batch.num_extend:]
-            calls.append(_Call(token, num_decode, 1,
-                               self._table(batch.page_table[batch.num_extend:], seq.tolist(), pad), seq,
+            table = self._table(batch.page_table[batch.num_extend:], seq.tolist(), pad)
+            calls.append(_Call(token, num_decode, 1, table, head_major_index(table, heads), seq,
                                batch.positions[token:token + num_decode].view(num_decode, 1)))
         batch.attn_metadata = calls
 
@@ -105,8 +109,9 @@ class BatchInvariantAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         for c in batch.attn_metadata:
             rows = slice(c.token_start, c.token_start + c.num_tokens)
-            keys = gather_pages(k_cache, c.key_table).transpose(1, 2).contiguous()   # [B, Hkv, L, D]
-            values = gather_pages(v_cache, c.key_table).transpose(1, 2).contiguous()
+            b, length = c.key_table.shape
+            keys = gather_head_major(k_cache, c.key_rows, b, length).transpose(0, 1)   # [B, Hkv, L, D], head-major
+            values = gather_head_major(v_cache, c.key_rows, b, length).transpose(0, 1)
             o = invariant_attention(query_rows(q[rows], num_kv_heads, c.tokens_per_request), keys, values,
                                     row_positions(c.positions, num_heads // num_kv_heads), c.key_len, scale,
                                     sliding_window)

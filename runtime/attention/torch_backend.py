@@ -117,10 +117,10 @@ class TorchAttentionBackend(AttentionBackend):
             firsts = torch.tensor([m[0] for m, _ in runs], device=dev)
             prefix_mask = positions[None, :max_p] < shared_lens[:, None]
             prefix_table = table[firsts, :max_p].masked_fill(~prefix_mask, pad)
-            member_rows_t = torch.tensor(member_rows, device=dev)
-            member_flat_t = torch.tensor(member_flat, device=dev)
-            if len(member_rows) == n and all(len(m) == max_m for m, _ in runs):
-                member_rows_t = member_flat_t = None   # every row in equal groups, in order: a GRPO batch
+            # Every row in equal groups, in order (a GRPO batch): the kernel needs no member indices then.
+            every_row = len(member_rows) == n and all(len(m) == max_m for m, _ in runs)
+            member_rows_t = None if every_row else torch.tensor(member_rows, device=dev)
+            member_flat_t = None if every_row else torch.tensor(member_flat, device=dev)
         else:
             member_index = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             prefix_table = torch.zeros(0, 1, dtype=torch.int64, device=dev)
